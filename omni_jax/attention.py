@@ -1,0 +1,100 @@
+"""Grouped-query self-attention with per-head q/k RMSNorm, RoPE and a static KV cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omni_jax import kv_cache
+from omni_jax.norm import RMSNorm
+from omni_jax.rope import apply_rope
+from omni_jax.sharding import constrain
+
+_INIT = nn.initializers.normal(0.02)
+
+
+def attention_mask(q_pos: jax.Array, kv_len: int, sliding_window: int | None = None) -> jax.Array:
+    """[B, T, S] boolean: key j is visible to a query at cache index q_pos[b, t] iff j <= q_pos (causal, window)."""
+    j = jnp.arange(kv_len)[None, None, :]
+    q = q_pos[:, :, None]
+    mask = j <= q
+    if sliding_window is not None:
+        mask &= j > q - sliding_window
+    return mask
+
+
+def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """q [B,T,N,D], k/v [B,S,K,D] with N = K*G; softmax in float32 like the reference."""
+    b, t, n, d = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, n // kh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+class Attention(nn.Module):
+    """Self-attention over a static cache.
+
+    New keys/values for T tokens are written at cache rows start[b] .. start[b]+T-1 of layer
+    `layer`, then queries attend over the whole layer buffer with a causal (and optional
+    sliding-window) mask; stale entries past a row's position are masked, so the cache never
+    needs clearing.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float = 1e-6
+    use_qk_norm: bool = True
+    use_bias: bool = False
+    sliding_window: int | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def _proj(self, heads: int, axis_name: str, name: str) -> nn.DenseGeneral:
+        return nn.DenseGeneral(
+            (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(_INIT, ("embed", axis_name, "head_dim")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name, "head_dim")),
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        cache_k: jax.Array,
+        cache_v: jax.Array,
+        layer: jax.Array,
+        start: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B,T,H]; cos/sin [B,T,D]; cache_* [L,B,S,K,D]; layer scalar; start [B]. Returns (out, cache_k, cache_v)."""
+        q = self._proj(self.num_heads, "heads", "q_proj")(x)
+        k = self._proj(self.num_kv_heads, "kv_heads", "k_proj")(x)
+        v = self._proj(self.num_kv_heads, "kv_heads", "v_proj")(x)
+        if self.use_qk_norm:
+            q = RMSNorm(self.eps, self.param_dtype, axis_name="head_dim", name="q_norm")(q)
+            k = RMSNorm(self.eps, self.param_dtype, axis_name="head_dim", name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        cache_k = kv_cache.write_layer(cache_k, layer, k, start)
+        cache_v = kv_cache.write_layer(cache_v, layer, v, start)
+        keys = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(self.dtype)
+        values = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(self.dtype)
+        q_pos = start[:, None] + jnp.arange(x.shape[1])[None, :]
+        mask = attention_mask(q_pos, keys.shape[1], self.sliding_window)
+        out = dot_attention(q, keys, values, mask, self.head_dim**-0.5)
+        out = nn.DenseGeneral(
+            x.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(_INIT, ("heads", "head_dim", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="o_proj",
+        )(out)
+        return out, cache_k, cache_v

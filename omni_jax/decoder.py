@@ -1,0 +1,128 @@
+"""Pre-norm transformer decoder stack shared by the thinker, the talker and the code predictor.
+
+Layers are grouped into *segments* of identical structure (dense vs sparse MLP) and each
+segment is one `nn.scan`, so compile time does not grow with depth. A segment also ends at
+every "tap" layer whose output the caller needs (the talker reads the thinker's
+`accept_hidden_layer`), so taps cost nothing extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omni_jax.attention import Attention
+from omni_jax.config import DecoderConfig
+from omni_jax.mlp import GatedMLP
+from omni_jax.moe import SparseMoE
+from omni_jax.norm import RMSNorm
+from omni_jax.rope import rope_cos_sin
+from omni_jax.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    start: int
+    count: int
+    sparse: bool
+
+    @property
+    def name(self) -> str:
+        return f"layers_{self.start}"
+
+
+def segments(cfg: DecoderConfig, taps: Sequence[int] = ()) -> tuple[Segment, ...]:
+    """Split layers into runs of equal structure, also cutting after each tap (a count of layers run)."""
+    out: list[Segment] = []
+    start = 0
+    for layer in range(1, cfg.num_hidden_layers + 1):
+        end_here = (
+            layer == cfg.num_hidden_layers
+            or layer in taps
+            or cfg.is_sparse(layer) != cfg.is_sparse(start)
+        )
+        if end_here:
+            out.append(Segment(start, layer - start, cfg.is_sparse(start)))
+            start = layer
+    return tuple(out)
+
+
+def segment_of(layer: int, segs: Sequence[Segment]) -> tuple[Segment, int]:
+    for seg in segs:
+        if seg.start <= layer < seg.start + seg.count:
+            return seg, layer - seg.start
+    raise IndexError(f"layer {layer} outside the stack")
+
+
+class DecoderLayer(nn.Module):
+    cfg: DecoderConfig
+    sparse: bool
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    moe_impl: str = "auto"
+    sliding_window: int | None = None
+
+    @nn.compact
+    def __call__(self, carry, cos, sin, start):
+        x, cache_k, cache_v, layer = carry
+        cfg = self.cfg
+        h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
+        attn, cache_k, cache_v = Attention(
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+            cfg.use_qk_norm, cfg.attention_bias, self.sliding_window, self.dtype, self.param_dtype, name="self_attn",
+        )(h, cos, sin, cache_k, cache_v, layer, start)
+        x = x + attn
+        h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
+        if self.sparse:
+            h = SparseMoE(cfg, self.dtype, self.param_dtype, self.moe_impl, name="mlp")(h)
+        else:
+            h = GatedMLP(cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")(h)
+        x = constrain(x + h, ("batch", "length", "embed"))
+        return (x, cache_k, cache_v, layer + 1), None
+
+
+class DecoderStack(nn.Module):
+    """Runs all layers over a static KV cache; returns the final hidden states (pre-norm) and taps."""
+
+    cfg: DecoderConfig
+    taps: tuple[int, ...] = ()
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    moe_impl: str = "auto"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache_k: jax.Array,
+        cache_v: jax.Array,
+        start: jax.Array,
+    ) -> tuple[jax.Array, dict[int, jax.Array], jax.Array, jax.Array]:
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved)
+        taps: dict[int, jax.Array] = {}
+        if 0 in self.taps:
+            taps[0] = x
+        carry = (x, cache_k, cache_v, jnp.zeros((), jnp.int32))
+        for seg in segments(cfg, self.taps):
+            scanned = nn.scan(
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=seg.count,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            carry, _ = scanned(cfg, seg.sparse, self.dtype, self.param_dtype, self.moe_impl, name=seg.name)(
+                carry, cos, sin, start
+            )
+            end = seg.start + seg.count
+            if end in self.taps:
+                taps[end] = carry[0]
+        x, cache_k, cache_v, _ = carry
+        return x, taps, cache_k, cache_v

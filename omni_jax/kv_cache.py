@@ -1,0 +1,55 @@
+"""Static-shape KV cache: one stacked buffer per decoder stack, written in place.
+
+Layout [layers, batch, max_len, kv_heads, head_dim]. Shapes never change during generation,
+so prefill and decode compile once per (batch, max_len); the buffers are donated by the
+compiled steps so XLA updates them in place.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array  # [batch] int32: valid entries per row
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @classmethod
+    def create(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        shape = (layers, batch, max_len, kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+
+    @classmethod
+    def abstract(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        shape = (layers, batch, max_len, kv_heads, head_dim)
+        return cls(
+            k=jax.ShapeDtypeStruct(shape, dtype),
+            v=jax.ShapeDtypeStruct(shape, dtype),
+            lengths=jax.ShapeDtypeStruct((batch,), jnp.int32),
+        )
+
+    def reset(self) -> "KVCache":
+        """Forget every row's contents; stale entries are masked out, so no zeroing is needed."""
+        return self.replace(lengths=jnp.zeros_like(self.lengths))
+
+
+def write_layer(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Scatter new [B, T, N, D] into buf[layer, b, start[b]:start[b]+T]; writes past max_len are dropped."""
+    b, t = new.shape[:2]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    cols = start[:, None] + jnp.arange(t)[None, :]
+    return buf.at[layer, rows, cols].set(new.astype(buf.dtype), mode="drop")

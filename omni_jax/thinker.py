@@ -1,0 +1,98 @@
+"""The Thinker's text decoder: embeddings -> MoE decoder stack -> norm -> LM head."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from omni_jax.config import OmniConfig
+from omni_jax.decoder import DecoderStack
+from omni_jax.kv_cache import KVCache
+from omni_jax.norm import RMSNorm
+from omni_jax.sharding import constrain
+
+_INIT = nn.initializers.normal(0.02)
+
+
+class ThinkerOutput(NamedTuple):
+    logits: jax.Array  # [B, T, vocab] float32
+    embeds: jax.Array  # [B, T, H] token embeddings (talker's text_projection input)
+    accept_hidden: jax.Array  # [B, T, H] output of layer accept_hidden_layer (talker's hidden_projection input)
+    hidden: jax.Array  # [B, T, H] final normed hidden state
+    cache: KVCache
+
+
+class Thinker(nn.Module):
+    config: OmniConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    moe_impl: str = "auto"
+
+    def setup(self):
+        text = self.config.thinker.text
+        self.embed_tokens = nn.Embed(
+            text.vocab_size, text.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+        )
+        self.layers = DecoderStack(
+            text, (self.config.talker.accept_hidden_layer,), self.dtype, self.param_dtype, self.moe_impl
+        )
+        self.norm = RMSNorm(text.rms_norm_eps, self.param_dtype)
+        if not self.config.thinker.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                text.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(_INIT, ("embed", "vocab")),
+            )
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return self.embed_tokens(tokens)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        start: jax.Array,
+        embeds: jax.Array | None = None,
+    ) -> ThinkerOutput:
+        """tokens [B,T]; positions [3,B,T] (M-RoPE) or [B,T]; start [B]: cache row of the first new token."""
+        x = self.embed_tokens(tokens) if embeds is None else embeds.astype(self.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        h, taps, k, v = self.layers(x, positions, cache.k, cache.v, start)
+        h = self.norm(h)
+        if self.config.thinker.tie_word_embeddings:
+            logits = self.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return ThinkerOutput(logits, x, taps[self.config.talker.accept_hidden_layer], h, cache.replace(k=k, v=v))
+
+
+def text_positions(start: jax.Array, length: int) -> jax.Array:
+    """M-RoPE positions for plain text: all three axes equal the running index. [3, B, T]."""
+    pos = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    return jnp.broadcast_to(pos[None], (3,) + pos.shape)
+
+
+def init_cache(config: OmniConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    t = config.thinker.text
+    return KVCache.create(t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim, dtype)
+
+
+def _init_args(config: OmniConfig):
+    start = jnp.zeros((1,), jnp.int32)
+    return (jnp.zeros((1, 1), jnp.int32), text_positions(start, 1), init_cache(config, 1, 1), start)
+
+
+def boxed_abstract_params(config: OmniConfig, dtype=jnp.float32):
+    """Abstract params with their logical-axis metadata (nn.Partitioned boxes); allocates nothing."""
+    model = Thinker(config, dtype=dtype, param_dtype=dtype)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_init_args(config)))["params"]
+
+
+def init_params(config: OmniConfig, rng: jax.Array, dtype=jnp.float32):
+    model = Thinker(config, dtype=dtype, param_dtype=dtype)
+    return nn.unbox(jax.jit(lambda r: model.init(r, *_init_args(config)))(rng)["params"])
