@@ -3,13 +3,18 @@
 Every HF key is matched by exactly one `Rule` (regex -> param path, leading stack index,
 transform). Each component module owns the rules for its keys (`hf_rules`), so the mapping
 of a name lives beside the code that consumes it. Unknown keys are an error.
+
+`convert_tensors` converts in memory (tests, small models). `convert_checkpoint` streams a real
+checkpoint (safetensors read lazily by omni_jax.safetensors_io) into the per-layer Orbax layout
+described in omni_jax/checkpoint.py, after `plan_conversion` has checked names and shapes only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -164,3 +169,311 @@ def convert_tensors(
         if written.get(p, 0) != leaf.size:
             raise ValueError(f"param {'/'.join(p)} only received {written.get(p, 0)} of {leaf.size} values")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model rules, planning and the streaming checkpoint converter.
+# ---------------------------------------------------------------------------------------------
+
+COMPONENTS: tuple[str, ...] = ("thinker", "talker", "code2wav")
+# HF keys of parts this project does not build; skipped with a logged count, never silently.
+SKIP_PREFIXES: tuple[str, ...] = ("thinker.audio_tower.", "thinker.visual.")
+# An HF decoder layer: `<stack>.layers.<N>.` (thinker.model, talker.model, talker.code_predictor.model,
+# code2wav.pre_transformer). Keys of one layer are converted (and stored) together.
+_LAYER_GROUP = re.compile(r"^(.+?\.layers\.\d+)\.")
+
+
+def component_module(root: str):
+    """The module owning component `root` (omni_jax.<root>), or None while it is not written yet.
+
+    A component counts as available once it has `boxed_abstract_params` (and `hf_rules`, except the
+    thinker, whose rules live here). Import errors raised *inside* an existing module propagate.
+    """
+    import importlib
+
+    if root not in COMPONENTS:
+        raise ValueError(f"unknown component {root!r}; expected one of {COMPONENTS}")
+    name = f"omni_jax.{root}"
+    try:
+        mod = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
+    need = ("boxed_abstract_params",) if root == "thinker" else ("boxed_abstract_params", "hf_rules")
+    return mod if all(hasattr(mod, n) for n in need) else None
+
+
+def available_components() -> tuple[str, ...]:
+    return tuple(r for r in COMPONENTS if component_module(r) is not None)
+
+
+def component_rules(config, root: str) -> list[Rule]:
+    mod = component_module(root)
+    if mod is None:
+        raise ModuleNotFoundError(f"component {root!r} (omni_jax.{root}) is not available: no conversion rules for it")
+    if hasattr(mod, "hf_rules"):
+        return list(mod.hf_rules(config))
+    return thinker_rules(config)
+
+
+def all_rules(config, roots: Iterable[str] | None = None) -> list[Rule]:
+    """thinker_rules + talker.hf_rules + code2wav.hf_rules (components not yet available are left out
+    when `roots` is None; naming an unavailable one is an error)."""
+    roots = available_components() if roots is None else tuple(roots)
+    rules: list[Rule] = []
+    for root in roots:
+        rules += component_rules(config, root)
+    return rules
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPlan:
+    """One HF tensor: where it goes (param path + stack index) and the converted slice's shape."""
+
+    key: str
+    rule: Rule
+    path: Path
+    index: tuple[int, ...]
+    shape: tuple[int, ...]
+    slice_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class Plan:
+    """Result of plan_conversion: every converted key (checked to cover the model exactly once)."""
+
+    keys: list[KeyPlan]
+    skipped: dict[str, int]  # skip prefix -> number of keys skipped
+
+
+def transformed_shape(rule: Rule, shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape of rule.transform's output for an HF tensor of `shape`, computed on a zero-strided
+    dummy so views (transpose / reshape) allocate nothing even for 152064x2048 embeddings."""
+    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(shape), (0,) * len(shape))
+    return tuple(np.shape(rule.transform(dummy)))
+
+
+def plan_conversion(
+    shapes: Iterable[tuple[str, Sequence[int]]],
+    leaf_shapes: Mapping[Path, Sequence[int]],
+    rules: list[Rule],
+    skip_prefixes: tuple[str, ...] = SKIP_PREFIXES,
+) -> Plan:
+    """Match every (HF key, HF shape) to a param slice without touching data, and check that the
+    keys cover every element of every leaf in `leaf_shapes` exactly once.
+
+    Raises UnknownKeyError listing keys no rule matches, ValueError listing wrong slice shapes,
+    duplicate writes or leaves not fully covered.
+    """
+    shape_cache: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}
+    skipped: dict[str, int] = {}
+    unknown: list[str] = []
+    errors: list[str] = []
+    planned: list[KeyPlan] = []
+    writes: dict[Path, dict[tuple[int, ...], str]] = {}
+    for key, shape in shapes:
+        shape = tuple(int(s) for s in shape)
+        prefix = next((p for p in skip_prefixes if key.startswith(p)), None)
+        if prefix is not None:
+            skipped[prefix] = skipped.get(prefix, 0) + 1
+            continue
+        try:
+            rule, path, index = match_key(key, rules)
+        except UnknownKeyError:
+            unknown.append(key)
+            continue
+        if path not in leaf_shapes:
+            errors.append(f"{key}: rule maps it to {'/'.join(path)}, which is not a param of the model")
+            continue
+        ck = (id(rule.transform), shape)
+        if ck not in shape_cache:
+            shape_cache[ck] = transformed_shape(rule, shape)
+        slice_shape = shape_cache[ck]
+        try:
+            check_slice(key, path, index, _Shaped(slice_shape), tuple(leaf_shapes[path]))
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        seen = writes.setdefault(path, {})
+        if index in seen:
+            errors.append(f"{key} and {seen[index]} both write {'/'.join(path)}[{index}]")
+            continue
+        seen[index] = key
+        planned.append(KeyPlan(key, rule, path, index, shape, slice_shape))
+    if unknown:
+        more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
+        raise UnknownKeyError(f"no conversion rule for checkpoint key(s): {', '.join(map(repr, unknown[:10]))}{more}")
+    for path, leaf_shape in leaf_shapes.items():
+        seen = writes.get(path, {})
+        depths = {len(i) for i in seen}
+        if len(depths) > 1:
+            errors.append(f"{'/'.join(path)} is written at mixed stack depths {sorted(depths)}")
+        elif len(seen) != int(np.prod(tuple(leaf_shape)[: next(iter(depths), 0)], dtype=np.int64)):
+            errors.append(f"param {'/'.join(path)} {tuple(leaf_shape)} is not fully covered: {len(seen)} slice(s) written")
+    if errors:
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError("checkpoint does not map onto the model:\n" + "\n".join(errors[:20]) + more)
+    return Plan(planned, skipped)
+
+
+class _Shaped:
+    """Stands in for an array in check_slice when only the shape is known."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+
+def layer_group(key: str) -> str | None:
+    """'thinker.model.layers.7.mlp...' -> 'thinker.model.layers.7'; None for keys outside a decoder layer."""
+    m = _LAYER_GROUP.match(key)
+    return m.group(1) if m else None
+
+
+def assign_items(plan: Plan, leaf_shapes: Mapping[Path, Sequence[int]]) -> tuple[dict[Path, dict], dict[str, list[KeyPlan]]]:
+    """Decide the on-disk item of every leaf.
+
+    A stacked leaf whose leading-axis slices correspond one-to-one to HF decoder layers is stored
+    *split*: slice i lives in the item of its HF layer. Every other leaf is stored whole in the item
+    named after its component ('thinker', 'talker', 'code2wav'). Returns (leaf layout, item -> keys).
+    """
+    by_path: dict[Path, list[KeyPlan]] = {}
+    for kp in plan.keys:
+        by_path.setdefault(kp.path, []).append(kp)
+    layout: dict[Path, dict] = {}
+    items: dict[str, list[KeyPlan]] = {}
+    for path, kps in by_path.items():
+        shape = tuple(int(s) for s in leaf_shapes[path])
+        slice_group: dict[int, str] = {}
+        group_slice: dict[str, int] = {}
+        split = all(len(kp.index) >= 1 for kp in kps)
+        for kp in kps if split else ():
+            g = layer_group(kp.key)
+            i = kp.index[0]
+            if g is None or slice_group.setdefault(i, g) != g or group_slice.setdefault(g, i) != i:
+                split = False
+                break
+        if split and len(slice_group) == shape[0]:
+            layout[path] = {"shape": list(shape), "slices": [slice_group[i] for i in range(shape[0])]}
+            for kp in kps:
+                items.setdefault(slice_group[kp.index[0]], []).append(kp)
+        else:
+            layout[path] = {"shape": list(shape), "item": path[0]}
+            items.setdefault(path[0], []).extend(kps)
+    return layout, items
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap back to the OS after each item: glibc keeps the per-thread arenas that Orbax's
+    writer threads used, which otherwise shows up as RSS creeping up over the first layers."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def convert_checkpoint(
+    hf_dir: str,
+    out_dir: str,
+    dtype: str = "bfloat16",
+    *,
+    overwrite: bool = False,
+    config=None,
+    progress: bool = True,
+) -> str:
+    """Convert an HF Qwen3-Omni safetensors dir (single file or sharded) into an omni_jax Orbax checkpoint.
+
+    Streams one decoder layer at a time (layout in omni_jax/checkpoint.py), so peak memory is about
+    one layer's converted params plus the largest non-layer component, whatever the depth. Writes
+    into `<out_dir>.partial` and renames it into place only after the completion marker is written.
+    """
+    import shutil
+
+    import ml_dtypes
+    from absl import logging
+    from tqdm import tqdm
+
+    from omni_jax import checkpoint as ckpt
+    from omni_jax.config import load_config
+    from omni_jax.safetensors_io import index_checkpoint
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    ckpt.check_out_dir(out_dir, overwrite)
+    explicit_config = config is not None
+    config = config if explicit_config else load_config(hf_dir)
+
+    infos = index_checkpoint(hf_dir)
+    present = {k.split(".", 1)[0] for k in infos}
+    available = available_components()
+    roots = tuple(r for r in COMPONENTS if r in available and r in present)
+    if not roots:
+        raise ValueError(f"{hf_dir}: no tensors of any available component ({', '.join(available)})")
+    missing_modules = tuple(f"{r}." for r in COMPONENTS if r in present and r not in available)
+    leaf_shapes = {p: s.shape for p, s in ckpt.flatten(ckpt.abstract_params(config, roots=roots)).items()}
+    plan = plan_conversion(
+        ((k, i.shape) for k, i in infos.items()), leaf_shapes, all_rules(config, roots), SKIP_PREFIXES + missing_modules
+    )
+    for prefix, n in sorted(plan.skipped.items()):
+        why = "its omni_jax module is not available yet" if prefix in missing_modules else "that part is not built"
+        logging.warning("skipping %d checkpoint tensors under %s* (%s)", n, prefix, why)
+    layout, items = assign_items(plan, leaf_shapes)
+
+    def first(kps):
+        return min((infos[kp.key].path, infos[kp.key].offset) for kp in kps)
+
+    order = sorted(items, key=lambda name: first(items[name]))
+    tmp = ckpt.partial_dir(out_dir)
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)  # left by an interrupted earlier run of this function
+    os.makedirs(os.path.join(tmp, ckpt.PARAMS_DIR))
+    try:
+        writer = ckpt.ItemWriter()
+        with tqdm(total=len(plan.keys), unit="tensor", disable=not progress, desc="converting") as bar:
+            for name in order:
+                bar.set_postfix_str(name)
+                tree: dict[Path, np.ndarray] = {}
+                for kp in sorted(items[name], key=lambda kp: (infos[kp.key].path, infos[kp.key].offset)):
+                    spec = layout[kp.path]
+                    split = "slices" in spec
+                    if kp.path not in tree:
+                        slot = tuple(spec["shape"][1:] if split else spec["shape"])
+                        tree[kp.path] = np.zeros(slot, np_dtype)
+                    raw = infos[kp.key].load()
+                    value = kp.rule.transform(raw)
+                    check_slice(kp.key, kp.path, kp.index, value, tuple(spec["shape"]))
+                    tree[kp.path][kp.index[1:] if split else kp.index] = value
+                    del raw, value
+                    bar.update(1)
+                writer.save(os.path.join(tmp, ckpt.PARAMS_DIR, name), ckpt.unflatten(tree))
+                del tree
+                _release_freed_memory()
+        writer.close()
+        for fname in sorted(os.listdir(hf_dir)):
+            src = os.path.join(hf_dir, fname)
+            if (os.path.isfile(src) and not fname.startswith(".") and not fname.endswith(_WEIGHT_SUFFIXES)
+                    and fname != "model.safetensors.index.json"):
+                shutil.copy2(src, os.path.join(tmp, fname))
+        if explicit_config:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                f.write(config.to_json())
+        for spec in layout.values():
+            spec["dtype"] = dtype
+        ckpt.write_layout(tmp, layout, {"source": os.path.abspath(hf_dir), "dtype": dtype,
+                                        "skipped": plan.skipped, "roots": list(roots)})
+        ckpt.finalize_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logging.info("wrote %s: %d tensors -> %d params in %d items", out_dir, len(plan.keys), len(layout), len(items))
+    return out_dir
