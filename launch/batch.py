@@ -1,0 +1,255 @@
+"""Batch job: prompts.jsonl -> <id>.wav + results.jsonl, resumable and crash-safe.
+
+Input: one JSON object per line with `id`, `prompt` or `messages`, optional `speaker`, `system`,
+and sampling overrides (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
+`greedy`, `talker_max_new_tokens`). Every output file is written under a temporary name and
+renamed, so a killed job never leaves a truncated WAV or a partial JSONL line; a rerun skips the
+ids already in results.jsonl.
+
+  python launch/batch.py --input=prompts.jsonl --output_dir=out [--checkpoint=DIR] [--mesh=tp4ep8]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("input", None, "prompts.jsonl: one JSON object per line.")
+flags.DEFINE_string("output_dir", None, "Where <id>.wav and results.jsonl go.")
+flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir from launch/convert.py; default: tiny random weights.")
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. tp4ep8, ep8, auto (default: single device).")
+flags.DEFINE_integer("batch_size", 4, "Prompts per compiled batch.")
+flags.DEFINE_bool("text_only", False, "Skip the talker: text only, no WAVs.")
+flags.DEFINE_bool("strict", False, "Fail (non-zero exit) on the first bad input line instead of skipping it.")
+flags.DEFINE_string("speaker", "ethan", "Default speaker for lines without one.")
+flags.DEFINE_integer("max_new_tokens", 128, "Default thinker token budget.")
+flags.DEFINE_integer("talker_max_new_tokens", 256, "Default talker frame budget (80 ms each).")
+flags.DEFINE_bool("greedy", True, "Default decoding: greedy thinker and talker.")
+flags.DEFINE_string("dtype", None, "float32 | bfloat16 (default: float32 on CPU, bfloat16 on accelerators).")
+flags.DEFINE_integer("max_len", 1024, "KV-cache length (prompt + generated tokens).")
+flags.DEFINE_integer("seed", 0, "Base seed; each batch uses seed + its index.")
+
+RESULTS = "results.jsonl"
+TMP_TAG = ".tmp-"
+SAMPLING_KEYS = {"max_new_tokens", "talker_max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "greedy"}
+ITEM_KEYS = {"id", "prompt", "messages", "speaker", "system"} | SAMPLING_KEYS
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+@dataclasses.dataclass
+class Item:
+    line: int
+    id: str
+    request: object  # omni_jax.pipeline.Request
+    sampling: dict
+
+
+class BadLine(ValueError):
+    pass
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write to a temp name in the same dir, fsync, rename: readers see the old file or the whole new one."""
+    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}{TMP_TAG}{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def clean_temp_files(out_dir: str) -> int:
+    n = 0
+    for name in os.listdir(out_dir):
+        if TMP_TAG in name:
+            os.remove(os.path.join(out_dir, name))
+            n += 1
+    return n
+
+
+def load_done(out_dir: str) -> dict[str, dict]:
+    """Completed items. Only whole lines exist (results.jsonl is replaced atomically), but be tolerant anyway."""
+    path = os.path.join(out_dir, RESULTS)
+    done: dict[str, dict] = {}
+    if not os.path.exists(path):
+        return done
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+                done[str(rec["id"])] = rec
+            except (json.JSONDecodeError, KeyError, TypeError):
+                logging.warning("%s line %d is unreadable; that item will be redone", path, n)
+    return done
+
+
+def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only: bool):
+    from omni_jax.pipeline import Request
+
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadLine(f"line {n}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise BadLine(f"line {n}: expected a JSON object, got {type(obj).__name__}")
+    if "id" not in obj:
+        raise BadLine(f"line {n}: missing 'id'")
+    item_id = obj["id"]
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or not _SAFE_ID.match(str(item_id)):
+        raise BadLine(f"line {n}: id {item_id!r} must be 1-128 characters of [A-Za-z0-9._-] (it names the WAV file)")
+    item_id = str(item_id)
+    if item_id in seen:
+        raise BadLine(f"line {n}: duplicate id {item_id!r}")
+    unknown = set(obj) - ITEM_KEYS
+    if unknown:
+        raise BadLine(f"line {n}: unknown keys {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)}")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise BadLine(f"line {n}: needs exactly one of 'prompt' or 'messages'")
+    if "prompt" in obj and not isinstance(obj["prompt"], str):
+        raise BadLine(f"line {n}: 'prompt' must be a string")
+    speaker = obj.get("speaker", FLAGS.speaker)
+    if not text_only and (not isinstance(speaker, str) or speaker.lower() not in speakers):
+        raise BadLine(f"line {n}: unknown speaker {speaker!r}; known: {', '.join(speakers)}")
+    req = Request(prompt=obj.get("prompt"), messages=obj.get("messages"), system=obj.get("system"), speaker=speaker)
+    try:
+        req.to_messages()
+    except (ValueError, TypeError) as e:
+        raise BadLine(f"line {n}: {e}") from None
+    sampling = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
+    seen.add(item_id)
+    return Item(n, item_id, req, sampling)
+
+
+def sampling_for(item: Item):
+    from omni_jax.sampling import SamplingParams
+    from omni_jax.talker import TalkerSampling
+
+    s = item.sampling
+    greedy = bool(s.get("greedy", FLAGS.greedy and not ({"temperature", "top_k", "top_p"} & set(s))))
+    rep = float(s.get("repetition_penalty", 1.0))
+    if greedy:
+        thinker = SamplingParams.greedy(repetition_penalty=rep)
+        talker = TalkerSampling.greedy()
+    else:
+        thinker = SamplingParams(temperature=float(s.get("temperature", 0.7)), top_k=int(s.get("top_k", 20)),
+                                 top_p=float(s.get("top_p", 0.8)), repetition_penalty=rep)
+        talker = TalkerSampling()
+    return (thinker, talker, int(s.get("max_new_tokens", FLAGS.max_new_tokens)),
+            int(s.get("talker_max_new_tokens", FLAGS.talker_max_new_tokens)))
+
+
+def wav_bytes(wav, sample_rate: int) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wav, sample_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def main(argv):
+    del argv
+    if not FLAGS.input or not FLAGS.output_dir:
+        raise app.UsageError("--input and --output_dir are required")
+    from omni_jax import mesh as mesh_lib
+
+    mesh_lib.maybe_initialize_distributed()
+    from tqdm import tqdm
+
+    from omni_jax.loading import parse_dtype
+    from omni_jax.pipeline import OmniPipeline
+
+    primary = mesh_lib.is_primary()
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    if primary:
+        removed = clean_temp_files(FLAGS.output_dir)
+        if removed:
+            logging.info("removed %d temporary files left by an interrupted run", removed)
+
+    pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=parse_dtype(FLAGS.dtype), max_len=FLAGS.max_len)
+    if pipe.random_weights:
+        print("NOTE: no --checkpoint given: running the tiny embedded model with RANDOM weights "
+              "(text and audio are noise).", flush=True)
+    speakers = [s.lower() for s in pipe.speakers()]
+
+    items, bad = [], []
+    seen: set[str] = set()
+    with open(FLAGS.input, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                items.append(parse_line(n, raw, seen, speakers, FLAGS.text_only))
+            except BadLine as e:
+                bad.append(str(e))
+                logging.error("%s", e)
+                print(f"bad input: {e}", file=sys.stderr, flush=True)
+                if FLAGS.strict:
+                    print("stopping: --strict", file=sys.stderr)
+                    sys.exit(2)
+
+    done = load_done(FLAGS.output_dir)
+    todo = [it for it in items if it.id not in done]
+    if len(todo) < len(items):
+        print(f"resuming: {len(items) - len(todo)} of {len(items)} items already done", flush=True)
+
+    # Items sharing sampling settings share a compiled batch.
+    groups: dict[tuple, list[Item]] = {}
+    for it in todo:
+        groups.setdefault(tuple(sorted(it.sampling.items())), []).append(it)
+    batches = [g[i : i + FLAGS.batch_size] for g in groups.values() for i in range(0, len(g), FLAGS.batch_size)]
+
+    failures, audio_s, compute_s = 0, 0.0, 0.0
+    bar = tqdm(total=len(todo), unit="item", disable=not primary)
+    for bi, batch in enumerate(batches):
+        thinker_s, talker_s, max_new, talker_max = sampling_for(batch[0])
+        t0 = time.perf_counter()
+        try:
+            results = pipe.generate([it.request for it in batch], text_only=FLAGS.text_only, max_new_tokens=max_new,
+                                    talker_max_new_tokens=talker_max, sampling=thinker_s, talker_sampling=talker_s,
+                                    seed=FLAGS.seed + bi)
+        except Exception as e:  # noqa: BLE001 - one failing batch must not end the job
+            failures += len(batch)
+            logging.exception("batch of ids %s failed: %s", [it.id for it in batch], e)
+            bar.update(len(batch))
+            continue
+        elapsed = time.perf_counter() - t0
+        compute_s += elapsed
+        if primary:
+            for it, res in zip(batch, results):
+                rec = {"id": it.id, "line": it.line, "text": res.text, "prompt_tokens": len(res.prompt_ids),
+                       "generated_tokens": len(res.token_ids), "finish_reason": res.finish_reason,
+                       "audio_seconds": round(res.audio_seconds, 6), "timings": {**res.timings, "batch_s": elapsed}}
+                if res.wav is not None:
+                    atomic_write(os.path.join(FLAGS.output_dir, f"{it.id}.wav"), wav_bytes(res.wav, res.sample_rate))
+                    rec.update(wav=f"{it.id}.wav", samples=int(len(res.wav)), sample_rate=res.sample_rate,
+                               frames=int(res.codes.shape[-1]))
+                audio_s += res.audio_seconds
+                done[it.id] = rec
+                # Rewrite the whole file atomically: a kill leaves either the old or the new file, never half a line.
+                body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values())
+                atomic_write(os.path.join(FLAGS.output_dir, RESULTS), body.encode("utf-8"))
+        bar.update(len(batch))
+    bar.close()
+    rtf = compute_s / audio_s if audio_s > 0 else float("nan")
+    summary = {"items": len(items), "done_now": len(todo) - failures, "skipped_done": len(items) - len(todo),
+               "bad_lines": len(bad), "failures": failures, "audio_seconds": round(audio_s, 3),
+               "compute_seconds": round(compute_s, 3), "real_time_factor": None if audio_s == 0 else round(rtf, 3)}
+    if primary:
+        print("summary: " + json.dumps(summary), flush=True)
+    if failures and FLAGS.strict:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["input", "output_dir"])
+    app.run(main)
