@@ -57,16 +57,22 @@ class Thinker(nn.Module):
         cache: KVCache,
         start: jax.Array,
         embeds: jax.Array | None = None,
+        logits_index: jax.Array | None = None,
     ) -> ThinkerOutput:
-        """tokens [B,T]; positions [3,B,T] (M-RoPE) or [B,T]; start [B]: cache row of the first new token."""
+        """tokens [B,T]; positions [3,B,T] (M-RoPE) or [B,T]; start [B]: cache row of the first new token.
+
+        logits_index [B] (optional): compute logits only at that time step per row (-> [B,1,V]); prefill
+        needs just the last prompt token, and full [B,T,V] logits would dominate prefill memory.
+        """
         x = self.embed_tokens(tokens) if embeds is None else embeds.astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         h, taps, k, v = self.layers(x, positions, cache.k, cache.v, start)
         h = self.norm(h)
+        h_out = h if logits_index is None else jnp.take_along_axis(h, logits_index[:, None, None], axis=1)
         if self.config.thinker.tie_word_embeddings:
-            logits = self.embed_tokens.attend(h)
+            logits = self.embed_tokens.attend(h_out)
         else:
-            logits = self.lm_head(h)
+            logits = self.lm_head(h_out)
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         return ThinkerOutput(logits, x, taps[self.config.talker.accept_hidden_layer], h, cache.replace(k=k, v=v))
 

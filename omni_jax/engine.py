@@ -1,0 +1,424 @@
+"""Thinker text generation over a static-shape KV cache.
+
+Pure, jit-compiled functions do all device work:
+  * `prefill`     — one compile per (batch, length bucket, max_len): runs the right-padded prompt
+                    [B, T_bucket] with per-row true lengths, fills the cache, samples token 1.
+  * `decode_step` — one compile per (batch, max_len): feeds each row's last token at its own cache
+                    row, samples the next one. `decode_loop` runs it in a lax.while_loop until every
+                    row is finished (also one compile per (batch, max_len); max_new_tokens is data).
+(Each also compiles once per static `SamplingParams` / `collect_hidden` setting.) They take and
+return a `DecodeState` (cache, last tokens, stop flags, rng, optional hidden-state buffers) and
+donate it, so the cache is updated in place. Rows finish independently (EOS or token
+budget); finished rows keep running with the batch but neither advance nor emit.
+
+Decode loop choice, measured on the tiny config (float32, XLA:CPU, 2-core dev box shared with other
+jobs, so best-of-15 and median are both given), prompt 20 tokens, 128 new tokens, max_len 256,
+tokens/s per row including prefill:
+                          batch 1 (best / median)   batch 4 (best / median)
+  Python loop over step          236 / 132                 138 / 79
+  on-device lax.while_loop       355 / 182                 164 / 78
+The device loop wins at batch 1 (no per-step dispatch, pytree flattening or host sync) and ties at
+batch 4, where the step itself dominates; it also removes the host round trip per token, which costs
+relatively more on accelerators. So `loop="device"` is the default; streaming there goes through an
+ordered io_callback (still faster than the Python loop in the same runs: best 390 vs 285 tokens/s at
+batch 1). `loop="python"` (step i+1 dispatched before step i's tokens are read) is kept for
+debugging and host-side control between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import deque
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from omni_jax.config import OmniConfig
+from omni_jax.kv_cache import KVCache
+from omni_jax.sampling import SamplingParams, sample, seen_mask_from_ids, update_seen
+from omni_jax.thinker import Thinker, init_cache, text_positions
+
+#: `<|im_end|>` and `<|endoftext|>` (QwenTokenizer.eos_token_ids).
+DEFAULT_EOS_IDS = (151645, 151643)
+
+StreamCallback = Callable[[int, int], None]  # (row, token_id), called once per new token
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode step reads and writes; donated to each compiled call."""
+
+    cache: KVCache
+    tokens: jax.Array  # [B] int32: each row's last sampled token (next step's input)
+    sequence: jax.Array  # [B, S] int32: prompt + generated ids at their cache rows
+    num_generated: jax.Array  # [B] int32
+    max_new_tokens: jax.Array  # [] int32: per-row budget
+    eos_ids: jax.Array  # [E] int32: ids that end a row (dynamic: changing them does not recompile)
+    done: jax.Array  # [B] bool: row sampled an EOS id or spent its budget
+    pending: jax.Array  # [B] bool: row still has a token to feed (see `decode_step`)
+    seen: jax.Array  # [B, V] bool ids seen so far (repetition penalty), else [B, 0]
+    rope_deltas: jax.Array  # [B] int32: M-RoPE position minus cache row (0 for plain text)
+    rng: jax.Array
+    embeds: jax.Array  # [B, S, H] token embeddings of every fed token (collect_hidden), else [B, 0, H]
+    accept_hidden: jax.Array  # [B, S, H] accept-layer output of every fed token (collect_hidden), else [B, 0, H]
+
+
+def _is_eos(ids: jax.Array, eos_ids: jax.Array) -> jax.Array:
+    return jnp.any(ids[:, None] == eos_ids[None, :], axis=-1)
+
+
+def _write_rows(buf: jax.Array, rows_start: jax.Array, new: jax.Array, valid: jax.Array) -> jax.Array:
+    """buf [B, S, ...] <- new [B, T, ...] at rows start[b] + t where valid[b, t]; others untouched."""
+    b, t = new.shape[:2]
+    s = buf.shape[1]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    cols = jnp.where(valid, rows_start[:, None] + jnp.arange(t)[None, :], s)  # s = out of range -> dropped
+    return buf.at[rows, cols].set(new.astype(buf.dtype), mode="drop")
+
+
+def prefill(
+    params,
+    cache: KVCache,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    rng: jax.Array,
+    max_new_tokens: jax.Array,
+    eos_ids: jax.Array,
+    positions: jax.Array | None = None,
+    embeds: jax.Array | None = None,
+    *,
+    model: Thinker,
+    sampling: SamplingParams,
+    collect_hidden: bool = False,
+) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Run right-padded prompts tokens [B, T] (true lengths [B]) from cache row cache.lengths; sample token 1.
+
+    positions [3, B, T] / embeds [B, T, H] override the text M-RoPE positions / token embeddings
+    (multimodal prompts). Returns (state, first tokens [B], any row still pending []).
+    """
+    b, t = tokens.shape
+    s = cache.max_len
+    start = cache.lengths
+    if positions is None:
+        positions = text_positions(start, t)
+    out = model.apply({"params": params}, tokens, positions, cache, start, embeds, logits_index=lengths - 1)
+    valid = jnp.arange(t)[None, :] < lengths[:, None]
+    vocab = out.logits.shape[-1]
+    seen = seen_mask_from_ids(tokens, vocab, valid) if sampling.uses_history else jnp.zeros((b, 0), bool)
+    rng, key = jax.random.split(rng)
+    first = sample(out.logits[:, 0], key, sampling, seen if sampling.uses_history else None)
+    if sampling.uses_history:
+        seen = update_seen(seen, first)
+    end = start + lengths  # cache row of the first generated token
+    sequence = _write_rows(jnp.zeros((b, s), jnp.int32), start, tokens, valid)
+    sequence = sequence.at[jnp.arange(b), end].set(first, mode="drop")
+    pos3 = positions if positions.ndim == 3 else positions[None]
+    last_pos = jnp.max(jnp.where(valid[None], pos3, jnp.iinfo(jnp.int32).min), axis=(0, 2))
+    rope_deltas = (last_pos + 1 - end).astype(jnp.int32)
+    h = out.embeds.shape[-1]
+    if collect_hidden:
+        emb = _write_rows(jnp.zeros((b, s, h), out.embeds.dtype), start, out.embeds, valid)
+        acc = _write_rows(jnp.zeros((b, s, h), out.accept_hidden.dtype), start, out.accept_hidden, valid)
+    else:
+        emb = acc = jnp.zeros((b, 0, h), out.embeds.dtype)
+    max_new = jnp.asarray(max_new_tokens, jnp.int32)
+    eos_ids = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+    done = _is_eos(first, eos_ids) | (max_new <= 1)
+    pending = jnp.ones((b,), bool) if collect_hidden else ~done
+    state = DecodeState(
+        cache=out.cache.replace(lengths=end), tokens=first, sequence=sequence,
+        num_generated=jnp.ones((b,), jnp.int32), max_new_tokens=max_new, eos_ids=eos_ids, done=done, pending=pending,
+        seen=seen, rope_deltas=rope_deltas, rng=rng, embeds=emb, accept_hidden=acc,
+    )
+    return state, first, jnp.any(pending)
+
+
+def decode_step(
+    params,
+    state: DecodeState,
+    *,
+    model: Thinker,
+    sampling: SamplingParams,
+    collect_hidden: bool = False,
+) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
+    """Feed every pending row's last token at its cache row and sample the next one.
+
+    Returns (state, tokens [B], emitted [B] bool: the row produced a new token, any row pending []).
+    A row is pending while it has a token to feed: until done, and with collect_hidden one step
+    more, so the final token's embeds/accept_hidden are recorded too. Non-pending rows still run
+    (static shapes) but do not advance, emit or record.
+    """
+    cache = state.cache
+    pos = cache.lengths
+    b = pos.shape[0]
+    out = model.apply(
+        {"params": params}, state.tokens[:, None], text_positions(pos + state.rope_deltas, 1), cache, pos
+    )
+    feed = state.pending
+    emit = feed & ~state.done
+    rng, key = jax.random.split(state.rng)
+    seen = state.seen if sampling.uses_history else None
+    nxt = jnp.where(emit, sample(out.logits[:, 0], key, sampling, seen), state.tokens)
+    if sampling.uses_history:
+        seen = update_seen(state.seen, nxt, emit)
+    else:
+        seen = state.seen
+    num = state.num_generated + emit.astype(jnp.int32)
+    done = state.done | (emit & (_is_eos(nxt, state.eos_ids) | (num >= state.max_new_tokens)))
+    pending = (feed & ~state.done) if collect_hidden else ~done
+    s = state.sequence.shape[1]
+    sequence = state.sequence.at[jnp.arange(b), jnp.where(emit, pos + 1, s)].set(nxt, mode="drop")
+    emb, acc = state.embeds, state.accept_hidden
+    if collect_hidden:
+        emb = _write_rows(emb, pos, out.embeds, feed[:, None])
+        acc = _write_rows(acc, pos, out.accept_hidden, feed[:, None])
+    new = state.replace(
+        cache=out.cache.replace(lengths=pos + feed.astype(jnp.int32)), tokens=nxt, sequence=sequence,
+        num_generated=num, done=done, pending=pending, seen=seen, rng=rng, embeds=emb, accept_hidden=acc,
+    )
+    return new, nxt, emit, jnp.any(pending)
+
+
+def decode_loop(
+    params,
+    state: DecodeState,
+    *,
+    model: Thinker,
+    sampling: SamplingParams,
+    collect_hidden: bool = False,
+    stream: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> DecodeState:
+    """`decode_step` in an on-device lax.while_loop until no row is pending; `stream(tokens, emitted)`
+    (host function) receives every step's output in order via io_callback."""
+    step = functools.partial(decode_step, model=model, sampling=sampling, collect_hidden=collect_hidden)
+
+    def body(carry):
+        st, _ = carry
+        st, toks, emit, any_pending = step(params, st)
+        if stream is not None:
+            io_callback(stream, None, toks, emit, ordered=True)
+        return st, any_pending
+
+    state, _ = jax.lax.while_loop(lambda c: c[1], body, (state, jnp.any(state.pending)))
+    return state
+
+
+def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` below max_len, plus max_len itself."""
+    out, b = [], smallest
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_len,)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Per-row outputs. embeds/accept_hidden: [B, max(total_lengths), H] (collect_hidden only), row b valid
+    for its first total_lengths[b] = prompt + generated positions, zero after; HF's talker input drops
+    the last generated token (it never runs through HF's thinker), so slice [:total-1] to mirror it."""
+
+    tokens: list[list[int]]  # generated ids per row (EOS included when produced)
+    prompt_lengths: list[int]
+    finish_reasons: list[str]  # "eos" | "length"
+    sequences: list[list[int]]  # prompt + generated ids per row
+    embeds: np.ndarray | None = None
+    accept_hidden: np.ndarray | None = None
+
+    @property
+    def total_lengths(self) -> list[int]:
+        return [p + len(t) for p, t in zip(self.prompt_lengths, self.tokens)]
+
+
+class ThinkerEngine:
+    """Owns the compiled prefill/decode functions and one KV cache per batch size.
+
+    params: the thinker's parameter tree (root["thinker"]). Compiles lazily: prefill once per
+    (batch, bucket, sampling, collect_hidden), decode once per (batch, sampling, collect_hidden).
+    Not thread-safe: one generate() at a time per engine (it reuses the donated cache).
+    """
+
+    def __init__(
+        self,
+        config: OmniConfig,
+        params,
+        *,
+        max_len: int = 2048,
+        buckets: Sequence[int] | None = None,
+        eos_ids: Sequence[int] = DEFAULT_EOS_IDS,
+        pad_id: int = 151643,
+        dtype=jnp.float32,
+        moe_impl: str = "auto",
+        loop: str = "device",
+        mesh=None,
+    ):
+        """mesh: a jax.sharding.Mesh (omni_jax.mesh.make_mesh) to run sharded: params are placed by the
+        rules table (expert-parallel MoE), caches are created sharded, steps are jitted under the mesh."""
+        if loop not in ("python", "device"):
+            raise ValueError(f"loop must be 'python' or 'device', got {loop!r}")
+        self.config = config
+        self.params = params
+        self.max_len = int(max_len)
+        self.buckets = tuple(sorted(set(int(x) for x in (buckets or default_buckets(self.max_len)))))
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be positive lengths, got {buckets}")
+        if self.buckets[-1] > self.max_len:
+            raise ValueError(f"bucket {self.buckets[-1]} exceeds max_len={self.max_len}")
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.vocab_size = config.thinker.text.vocab_size
+        self.pad_id = int(pad_id) if 0 <= pad_id < self.vocab_size else 0
+        self.dtype = dtype
+        self.loop = loop
+        self.model = Thinker(config, dtype=dtype, param_dtype=dtype, moe_impl=moe_impl)
+        common = dict(model=self.model)
+        statics = ("sampling", "collect_hidden")
+        self.mesh = mesh
+        jit = jax.jit
+        if mesh is not None:
+            from omni_jax import parallel, sharding
+
+            self.params = sharding.place(params, parallel.thinker_param_shardings(config, mesh))
+            jit = functools.partial(parallel.sharded_jit, mesh=mesh)
+        self.prefill_fn = jit(functools.partial(prefill, **common), static_argnames=statics, donate_argnums=(1,))
+        self.decode_fn = jit(
+            functools.partial(decode_step, **common), static_argnames=statics, donate_argnums=(1,)
+        )
+        self.loop_fn = jit(
+            functools.partial(decode_loop, **common), static_argnames=statics + ("stream",), donate_argnums=(1,)
+        )
+        self._caches: dict[int, KVCache] = {}
+        self._stream_target: Callable[[np.ndarray, np.ndarray], None] | None = None
+
+    # -- helpers -----------------------------------------------------------------
+    def bucket_for(self, length: int) -> int:
+        if length > self.max_len:
+            raise ValueError(f"prompt of {length} tokens is longer than max_len={self.max_len}")
+        for b in self.buckets:
+            if length <= b:
+                return b
+        raise ValueError(f"prompt of {length} tokens is longer than the largest prefill bucket {self.buckets[-1]}")
+
+    def _cache(self, batch: int) -> KVCache:
+        cache = self._caches.pop(batch, None)
+        if cache is None and self.mesh is not None:
+            from omni_jax import parallel
+
+            return parallel.thinker_cache(self.config, batch, self.max_len, self.dtype, self.mesh)
+        if cache is None:
+            return init_cache(self.config, batch, self.max_len, self.dtype)
+        return cache.reset()
+
+    def _forward_stream(self, toks: np.ndarray, emit: np.ndarray) -> None:
+        if self._stream_target is not None:
+            self._stream_target(np.asarray(toks), np.asarray(emit))
+
+    # -- generation ---------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        seed: int | jax.Array = 0,
+        callback: StreamCallback | None = None,
+        collect_hidden: bool = False,
+        loop: str | None = None,
+        eos_ids: Sequence[int] | None = None,
+    ) -> GenerationResult:
+        """Generate for a batch of token-id prompts (no template applied); rows stop on EOS or max_new_tokens.
+
+        callback(row, token) is called for every new token, in order per row. seed: int or a jax PRNG key.
+        eos_ids: overrides the engine's stop ids for this call.
+        """
+        eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
+        sampling = SamplingParams.greedy() if sampling is None else sampling
+        loop = self.loop if loop is None else loop
+        prompts = [[int(t) for t in p] for p in prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        lengths = [len(p) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has ids outside [0, {self.vocab_size}): {bad[:5]}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(lengths)
+        bucket = self.bucket_for(longest)
+        if longest + max_new_tokens > self.max_len:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} does not fit max_len={self.max_len}"
+            )
+        batch = len(prompts)
+        tokens = np.full((batch, bucket), self.pad_id, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+        rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+
+        def emit_host(toks, emitted):
+            if callback is not None:
+                for row in np.flatnonzero(emitted):
+                    callback(int(row), int(toks[row]))
+
+        state, first, any_pending = self.prefill_fn(
+            # numpy inputs go straight to the compiled call (jnp.asarray would compile a staging op per shape)
+            self.params, self._cache(batch), tokens, np.asarray(lengths, np.int32), rng,
+            np.asarray(max_new_tokens, np.int32), np.asarray(eos, np.int32).reshape(-1),
+            sampling=sampling, collect_hidden=collect_hidden,
+        )
+        emit_host(np.asarray(first), np.ones((batch,), bool))
+        if loop == "device":
+            self._stream_target = emit_host if callback is not None else None
+            try:
+                state = self.loop_fn(
+                    self.params, state, sampling=sampling, collect_hidden=collect_hidden,
+                    stream=self._forward_stream if callback is not None else None,
+                )
+                if callback is not None:
+                    # Dispatch is asynchronous: the io_callbacks run while the loop executes, so the
+                    # target must stay installed until it (and its ordered effects) have finished.
+                    jax.block_until_ready(state)
+                    jax.effects_barrier()
+            finally:
+                self._stream_target = None
+        elif bool(any_pending):
+            # Dispatch step i+1 before reading step i's outputs, so the host sync overlaps device work.
+            # A step on a state with nothing pending changes nothing observable, so one extra is harmless.
+            inflight: deque = deque()
+            while True:
+                state, toks, emitted, any_pending = self.decode_fn(
+                    self.params, state, sampling=sampling, collect_hidden=collect_hidden
+                )
+                inflight.append((toks, emitted, any_pending))
+                if len(inflight) > 1:
+                    t_, e_, p_ = inflight.popleft()
+                    emit_host(np.asarray(t_), np.asarray(e_))
+                    if not bool(p_):
+                        break
+            for t_, e_, _ in inflight:
+                emit_host(np.asarray(t_), np.asarray(e_))
+        return self._result(state, prompts, collect_hidden, eos)
+
+    def _result(self, state: DecodeState, prompts: list[list[int]], collect_hidden: bool,
+                eos: tuple[int, ...]) -> GenerationResult:
+        seq, num = np.asarray(state.sequence), np.asarray(state.num_generated)
+        gen, reasons = [], []
+        for i, p in enumerate(prompts):
+            g = seq[i, len(p) : len(p) + num[i]].tolist()
+            gen.append(g)
+            reasons.append("eos" if g and g[-1] in eos else "length")
+        embeds = accept = None
+        if collect_hidden:
+            totals = [len(p) + len(g) for p, g in zip(prompts, gen)]
+            keep = (np.arange(max(totals))[None, :] < np.asarray(totals)[:, None])[..., None]
+            embeds = np.where(keep, np.asarray(state.embeds[:, : max(totals)]), 0)
+            accept = np.where(keep, np.asarray(state.accept_hidden[:, : max(totals)]), 0)
+        self._caches[len(prompts)] = state.cache
+        return GenerationResult(gen, [len(p) for p in prompts], reasons, [p + g for p, g in zip(prompts, gen)],
+                                embeds, accept)

@@ -1,0 +1,129 @@
+"""Token sampling as pure jnp functions (usable inside jit), matching transformers' logits processors.
+
+Processing order is HF's `generate`: repetition penalty -> suppressed tokens -> (greedy argmax |
+temperature -> top-k -> top-p -> categorical draw). `SamplingParams` is a frozen, hashable
+dataclass meant to be a *static* jit argument: each distinct setting compiles its own step, and
+disabled features (penalty 1.0, top_p 1.0, ...) cost nothing in the compiled code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy (argmax after penalty/suppression); top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    suppress_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "suppress_tokens", tuple(int(t) for t in self.suppress_tokens))
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @classmethod
+    def greedy(cls, repetition_penalty: float = 1.0, suppress_tokens: Sequence[int] = ()) -> "SamplingParams":
+        return cls(temperature=0.0, repetition_penalty=repetition_penalty, suppress_tokens=tuple(suppress_tokens))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether sampling needs the seen-token mask (only the repetition penalty does)."""
+        return self.repetition_penalty != 1.0
+
+
+def seen_mask_from_ids(ids: jax.Array, vocab_size: int, valid: jax.Array | None = None) -> jax.Array:
+    """[B, V] bool: which ids occur in ids [B, T] (only where valid [B, T] is True)."""
+    b, t = ids.shape
+    valid = jnp.ones((b, t), bool) if valid is None else valid
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    return jnp.zeros((b, vocab_size), bool).at[rows, ids].max(valid, mode="drop")
+
+
+def update_seen(seen: jax.Array, ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Mark ids [B] as seen (where valid [B])."""
+    valid = jnp.ones(ids.shape, bool) if valid is None else valid
+    return seen.at[jnp.arange(ids.shape[0]), ids].max(valid, mode="drop")
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """HF RepetitionPenaltyLogitsProcessor: for seen ids, positive logits / penalty, negative * penalty."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def suppress_tokens(logits: jax.Array, ids: Sequence[int]) -> jax.Array:
+    """Set the logits of `ids` to -inf (HF SuppressTokensLogitsProcessor)."""
+    if not ids:
+        return logits
+    mask = jnp.zeros((logits.shape[-1],), bool).at[jnp.asarray(ids, jnp.int32)].set(True, mode="drop")
+    return jnp.where(mask, _NEG_INF, logits)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """HF TopKLogitsWarper: drop every logit below the k-th largest (ties with it are kept)."""
+    k = min(int(k), logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, _NEG_INF, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """HF TopPLogitsWarper: in ascending order, drop tokens whose cumulative probability is <= 1 - p
+    (always keeping the most likely one)."""
+    order = jnp.argsort(logits, axis=-1)  # ascending, like torch.sort(descending=False)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = (cum <= 1.0 - p).at[..., -1].set(False)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+    return jnp.where(remove, _NEG_INF, logits)
+
+
+def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | None = None) -> jax.Array:
+    """All logit transforms of `params` in HF order; the result is what greedy/categorical picks from.
+
+    logits [B, V] (computed in float32); seen [B, V] bool, required iff repetition_penalty != 1.
+    """
+    logits = logits.astype(jnp.float32)
+    if params.uses_history:
+        if seen is None:
+            raise ValueError("repetition_penalty != 1 needs the seen-token mask (seen [B, V])")
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = suppress_tokens(logits, params.suppress_tokens)
+    if params.is_greedy:
+        return logits
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    if params.top_k > 0:
+        logits = top_k_filter(logits, params.top_k)
+    if params.top_p < 1.0:
+        logits = top_p_filter(logits, params.top_p)
+    return logits
+
+
+def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array | None = None) -> jax.Array:
+    """Next ids [B] int32 from logits [B, V]. Same key + same inputs -> same ids; temperature 0 -> argmax."""
+    processed = process_logits(logits, params, seen)
+    if params.is_greedy:
+        return jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
