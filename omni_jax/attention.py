@@ -84,8 +84,9 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
-        cache_k = kv_cache.write_layer(cache_k, layer, k, start)
-        cache_v = kv_cache.write_layer(cache_v, layer, v, start)
+        # Pin the cache layout (rules table) so GSPMD never re-shards / all-gathers the whole buffer.
+        cache_k = constrain(kv_cache.write_layer(cache_k, layer, k, start), kv_cache.CACHE_AXES)
+        cache_v = constrain(kv_cache.write_layer(cache_v, layer, v, start), kv_cache.CACHE_AXES)
         keys = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(self.dtype)
         values = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(self.dtype)
         q_pos = start[:, None] + jnp.arange(x.shape[1])[None, :]

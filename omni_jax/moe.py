@@ -7,14 +7,19 @@ exact (no token dropping):
   * "ragged": sorts token copies by expert and uses lax.ragged_dot; best for prefill on accelerators.
   * "dense":  runs every expert on every token and masks; only for tiny models / CPU prefill
               (XLA:CPU lowers ragged_dot densely and slowly).
+Under a mesh (omni_jax.sharding.use_mesh) the same local code runs per expert shard inside
+shard_map: see `experts_parallel`.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omni_jax import sharding
 from omni_jax.config import DecoderConfig
 from omni_jax.mlp import GatedMLP
 
@@ -51,33 +56,102 @@ def experts_dense(x, weights, ids, wg, wu, wd):
     return jnp.einsum("neh,ne->nh", y, combine)
 
 
-def experts_ragged(x, weights, ids, wg, wu, wd):
+def experts_ragged(x, weights, ids, wg, wu, wd, valid=None):
+    """valid [N,k] (expert-parallel shards): copies routed to other shards sort last, outside every group."""
     n, k = ids.shape
     e = wg.shape[0]
-    flat = ids.reshape(-1)
+    flat = (ids if valid is None else jnp.where(valid, ids, e)).reshape(-1)
     order = jnp.argsort(flat, stable=True)
     xs = x[order // k]
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # the sentinel id e is not counted
     g = jax.lax.ragged_dot(xs, wg, sizes)
     u = jax.lax.ragged_dot(xs, wu, sizes)
     y = jax.lax.ragged_dot(_ffn(g, u), wd, sizes)
     y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
+    if valid is not None:
+        y = jnp.where(valid[..., None], y, 0)
     return jnp.einsum("nkh,nk->nh", y, weights)
 
 
 DISPATCH = {"gather": experts_gather, "dense": experts_dense, "ragged": experts_ragged}
 
 
-def pick_dispatch(num_tokens: int, cfg: DecoderConfig, impl: str = "auto") -> str:
+def pick_dispatch(num_tokens: int, cfg: DecoderConfig, impl: str = "auto", num_experts: int | None = None) -> str:
+    """num_experts: experts held locally (expert-parallel shard); defaults to cfg.num_experts."""
     if impl != "auto":
         if impl not in DISPATCH:
             raise ValueError(f"unknown moe dispatch {impl!r}; choose from {sorted(DISPATCH)} or 'auto'")
         return impl
-    if num_tokens * cfg.num_experts_per_tok <= 2 * cfg.num_experts:
+    e = cfg.num_experts if num_experts is None else num_experts
+    if num_tokens * cfg.num_experts_per_tok <= 2 * e:
         return "gather"
     if jax.default_backend() == "cpu":
-        return "dense" if num_tokens * cfg.num_experts_per_tok * 4 >= num_tokens * cfg.num_experts else "gather"
+        return "dense" if num_tokens * cfg.num_experts_per_tok * 4 >= num_tokens * e else "gather"
     return "ragged"
+
+
+# Logical axes of the stacked expert weights; the expert-parallel path derives its specs from these.
+EXPERT_IN_AXES = ("experts", "embed", "expert_mlp")  # gate_proj / up_proj [E, H, I]
+EXPERT_OUT_AXES = ("experts", "expert_mlp", "embed")  # down_proj [E, I, H]
+
+
+def _local_experts(name, x, weights, ids, valid, wg, wu, wd):
+    """One shard's experts on all its tokens; copies routed elsewhere (valid=False) contribute exactly 0."""
+    if valid is None:
+        return DISPATCH[name](x, weights, ids, wg, wu, wd)
+    if name == "ragged":
+        return experts_ragged(x, weights, ids, wg, wu, wd, valid=valid)
+    # Masked copies point at local expert 0 with weight 0: finite values times 0, so exact.
+    return DISPATCH[name](x, jnp.where(valid, weights, 0), jnp.where(valid, ids, 0), wg, wu, wd)
+
+
+def experts_parallel(x, weights, ids, wg, wu, wd, cfg: DecoderConfig, ctx: "sharding.MeshRules", impl: str, dtype):
+    """Expert-parallel (and expert-FFN tensor-parallel) MoE over ctx.mesh with explicit collectives.
+
+    Layout (from the rules table): expert weights are split over the `experts` mesh axes on E
+    and over the `expert_mlp` axes on the FFN dim I; tokens and routing are split only like the
+    batch (data axis) and replicated over the expert/tensor axes. Each shard runs its E/ep local
+    experts (ids remapped to local, copies routed to other shards masked out) on the I/tp slice,
+    giving a partial sum of the final output; one psum over (expert, tensor) combines them.
+    Weights never move (no collective touches an expert weight); the single collective is an
+    all-reduce of the [tokens, hidden] activations.
+
+    Why replicated tokens + psum rather than all-to-all, for prefill too: attention here is split
+    over heads (tensor axis) and replicated over the expert axis, so every expert shard already
+    holds every token and dispatch is a local mask, with no communication and no capacity limit
+    (exact, no token dropping, static shapes). Combine is one all-reduce of [N, H]: ~2*N*H bytes
+    per device (ring). An all-to-all pays off only with the batch split over the expert axis
+    (data-parallel attention): with the thinker's top-8 of 128 experts on ep=8 shards a token
+    reaches ~5.3 shards (~4.6 off-device), so dispatch + combine move ~9.2*N*H/ep ~ 1.15*N*H bytes
+    per device, ~40% less, but need worst-case buffers (N/ep*k rows per shard) to stay exact and a
+    second layout for attention. Decode (a few tokens) is latency-bound: one collective is best.
+    """
+    up = ctx.spec(EXPERT_IN_AXES, wg.shape, "moe/expert_in_proj")
+    down = ctx.spec(EXPERT_OUT_AXES, wd.shape, "moe/expert_out_proj")
+    tok = ctx.spec(sharding.TOKEN_AXES, x.shape, "moe/tokens")
+    route_spec = ctx.spec(sharding.ROUTING_AXES, ids.shape, "moe/routing")
+    e_axes, t_axes = sharding.spec_mesh_axes(up, 0), sharding.spec_mesh_axes(up, 2)
+    if (e_axes, t_axes) != (sharding.spec_mesh_axes(down, 0), sharding.spec_mesh_axes(down, 1)):
+        raise ValueError(f"expert in/out projections shard differently: {up} vs {down}")
+    size = lambda axes: math.prod(ctx.mesh.shape[a] for a in axes)
+    e_local = wg.shape[0] // size(e_axes)
+    n_local = x.shape[0] // size(sharding.spec_mesh_axes(tok, 0))
+    name = pick_dispatch(n_local, cfg, impl, num_experts=e_local)
+    reduce_axes = e_axes + t_axes
+
+    def body(x, weights, ids, wg, wu, wd):
+        wg, wu, wd = (w.astype(dtype) for w in (wg, wu, wd))
+        valid = None
+        if e_axes:
+            shard = jax.lax.axis_index(e_axes[0] if len(e_axes) == 1 else e_axes)
+            ids = ids - shard * e_local
+            valid = (ids >= 0) & (ids < e_local)
+        y = _local_experts(name, x, weights, ids, valid, wg, wu, wd)
+        return jax.lax.psum(y, reduce_axes) if reduce_axes else y
+
+    return jax.shard_map(
+        body, mesh=ctx.mesh, in_specs=(tok, route_spec, route_spec, up, up, down), out_specs=tok
+    )(x, weights, ids, wg, wu, wd)
 
 
 class SparseMoE(nn.Module):
@@ -93,13 +167,17 @@ class SparseMoE(nn.Module):
         e, i = cfg.num_experts, cfg.moe_intermediate_size
         p = lambda name, shape, axes: self.param(name, nn.with_logical_partitioning(_INIT, axes), shape, self.param_dtype)
         router = p("router", (h, e), ("embed", "router"))
-        wg = p("gate_proj", (e, h, i), ("experts", "embed", "expert_mlp"))
-        wu = p("up_proj", (e, h, i), ("experts", "embed", "expert_mlp"))
-        wd = p("down_proj", (e, i, h), ("experts", "expert_mlp", "embed"))
+        wg = p("gate_proj", (e, h, i), EXPERT_IN_AXES)
+        wu = p("up_proj", (e, h, i), EXPERT_IN_AXES)
+        wd = p("down_proj", (e, i, h), EXPERT_OUT_AXES)
         flat = x.reshape(-1, h)
         weights, ids = route(flat, router, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        fn = DISPATCH[pick_dispatch(flat.shape[0], cfg, self.impl)]
-        out = fn(flat, weights, ids, wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype))
+        ctx = sharding.current()
+        if ctx is not None and not ctx.is_trivial:
+            out = experts_parallel(flat, weights, ids, wg, wu, wd, cfg, ctx, self.impl, self.dtype)
+        else:
+            fn = DISPATCH[pick_dispatch(flat.shape[0], cfg, self.impl)]
+            out = fn(flat, weights, ids, wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype))
         if cfg.shared_expert_intermediate_size > 0:
             shared = GatedMLP(cfg.shared_expert_intermediate_size, self.dtype, self.param_dtype, name="shared_expert")(flat)
             gate = nn.Dense(

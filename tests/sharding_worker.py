@@ -1,0 +1,193 @@
+"""Subprocess body for tests/test_sharding.py: multi-device runs need XLA_FLAGS set before jax loads.
+
+  python -m tests.sharding_worker meshes OUT            # 32 simulated devices, one process
+  python -m tests.sharding_worker multiprocess OUT PID NPROC PORT SPEC   # 4 devices per process
+
+Writes .npz / .json results into OUT; the test compares them (tolerances live in the test).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+
+def _setup(devices: int) -> None:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    cache = os.environ.get("OMNI_JAX_TEST_COMPILE_CACHE", os.path.join(root, ".jax_cache"))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+B, T, L, NEW = 2, 5, 16, 4  # batch, prompt bucket, cache length, generated tokens
+
+
+def _thinker_inputs():
+    import jax
+    import jax.numpy as jnp
+
+    from omni_jax import load_config
+    from omni_jax.thinker import init_params
+
+    config = load_config("tiny")
+    params = init_params(config, jax.random.PRNGKey(0))
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, config.thinker.text.vocab_size)
+    lengths = jnp.array([T, T - 2], jnp.int32)  # ragged rows: right padding must not leak
+    return config, params, prompt, lengths
+
+
+def _mesh(spec):
+    import jax
+
+    from omni_jax.mesh import make_mesh
+
+    n = math.prod(int(x) for x in re.findall(r"\d+", spec))
+    return make_mesh(spec, devices=jax.devices()[:n])
+
+
+def _run_thinker(config, params, prompt, lengths, mesh):
+    import numpy as np
+
+    from omni_jax import parallel, sharding
+    from omni_jax.thinker import init_cache
+
+    steps = parallel.make_thinker_steps(config, mesh, batch=B, max_len=L, prefill_len=T)
+    cache = init_cache(config, B, L)
+    if mesh is not None:
+        params = sharding.place(params, steps.layout.params)
+        cache = sharding.place(cache, steps.layout.cache)
+    toks, logits = parallel.greedy_generate(steps, params, cache, prompt, lengths, NEW)
+    return steps, params, np.asarray(toks), np.asarray(logits)
+
+
+def _run_talker(config, mesh):
+    """Greedy talker codes (all groups) through TalkerGenerator, sharded when mesh is given."""
+    import jax
+    import numpy as np
+
+    from omni_jax import parallel, sharding, talker
+
+    params = talker.init_params(config, jax.random.PRNGKey(3))
+    h = config.talker.text.hidden_size
+    tb = 6
+    rng = np.random.default_rng(4)
+    inputs = talker.TalkerInputs(
+        embeds=jax.numpy.asarray(rng.normal(size=(B, tb, h)).astype(np.float32) * 0.5),
+        lengths=np.array([tb, tb - 2], np.int32),
+        trailing=jax.numpy.asarray(rng.normal(size=(B, 3, h)).astype(np.float32) * 0.5),
+        tts_pad=jax.numpy.asarray(rng.normal(size=(h,)).astype(np.float32) * 0.5),
+        input_ids=np.zeros((B, tb), np.int64),
+    )
+    if mesh is not None:
+        params = sharding.place(params, parallel.talker_param_shardings(config, mesh))
+    gen = talker.TalkerGenerator(config, mesh=mesh)
+    sampling = talker.TalkerSampling.greedy()
+    state, _ = gen.start(params, inputs, 6, sampling)
+    out = gen.generate(params, inputs, 6, sampling)
+    return np.asarray(out.codes), np.asarray(out.lengths), np.asarray(state.hidden)
+
+
+def _moe_hlo(config, mesh) -> dict:
+    """Compiled HLO collectives of one sharded MoE layer, plus a control that really all-gathers expert weights."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from omni_jax import hlo_inspect, parallel, sharding
+    from omni_jax.moe import SparseMoE
+
+    cfg = config.thinker.text
+    out = {}
+    for impl in ("gather", "dense", "ragged"):
+        moe = SparseMoE(cfg, impl=impl)
+        x = jnp.ones((B, T, cfg.hidden_size))
+        boxed = jax.eval_shape(lambda: moe.init(jax.random.PRNGKey(0), x))["params"]
+        shard = sharding.param_shardings(boxed, mesh)
+        params = jax.jit(lambda: nn.unbox(moe.init(jax.random.PRNGKey(0), x))["params"], out_shardings=shard)()
+        fn = parallel.sharded_jit(lambda p, x: moe.apply({"params": p}, x), mesh)
+        out[impl] = [c.describe() for c in hlo_inspect.collectives(fn.lower(params, x).compile().as_text())]
+    wg = params["gate_proj"]
+    control = jax.jit(lambda w: w * 2, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    out["control_allgather"] = [c.describe() for c in hlo_inspect.collectives(control.lower(wg).compile().as_text())]
+    out["weight_shard_shape"] = list(wg.sharding.shard_shape(wg.shape))
+    return out
+
+
+def meshes(out_dir: str) -> None:
+    _setup(32)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from omni_jax import hlo_inspect, sharding
+    from omni_jax.thinker import init_cache
+
+    config, params, prompt, lengths = _thinker_inputs()
+    _, _, toks, logits = _run_thinker(config, params, prompt, lengths, None)
+    np.savez(os.path.join(out_dir, "thinker_single.npz"), tokens=toks, logits=logits)
+    report = {"devices": jax.device_count()}
+    for spec in ("tp4ep8", "ep8", "tp2ep2"):
+        mesh = _mesh(spec)
+        steps, placed, toks, logits = _run_thinker(config, params, prompt, lengths, mesh)
+        np.savez(os.path.join(out_dir, f"thinker_{spec}.npz"), tokens=toks, logits=logits)
+        if spec == "tp4ep8":
+            cache = sharding.place(init_cache(config, B, L), steps.layout.cache)
+            pos = jnp.zeros((3, B, 1), jnp.int32)
+            hlo = steps.decode.lower(placed, jnp.zeros((B, 1), jnp.int32), pos, cache).compile().as_text()
+            report["thinker_decode_collectives"] = [c.describe() for c in hlo_inspect.collectives(hlo)]
+            report["moe"] = _moe_hlo(config, mesh)
+            report["moe_param_specs"] = {k: v for k, v in sharding.describe(steps.layout.params).items() if "/mlp/" in k}
+    from omni_jax.engine import ThinkerEngine
+
+    rows = [list(map(int, r[:n])) for r, n in zip(np.asarray(prompt), np.asarray(lengths))]
+    for name, mesh in (("single", None), ("tp4ep8", _mesh("tp4ep8"))):
+        res = ThinkerEngine(config, params, max_len=L, mesh=mesh).generate(rows, NEW)
+        report[f"engine_{name}"] = res.tokens
+    for name, mesh in (("single", None), ("tp4ep8", _mesh("tp4ep8"))):
+        codes, lengths, hidden = _run_talker(config, mesh)
+        np.savez(os.path.join(out_dir, f"talker_{name}.npz"), codes=codes, lengths=lengths, hidden=hidden)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f)
+
+
+def multiprocess(out_dir: str, pid: int, nproc: int, port: int, spec: str) -> None:
+    _setup(4)
+    from omni_jax.mesh import is_primary, maybe_initialize_distributed
+
+    maybe_initialize_distributed(f"localhost:{port}", nproc, pid)
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from omni_jax import parallel, sharding
+    from omni_jax.thinker import init_cache
+
+    config, params, prompt, lengths = _thinker_inputs()  # same seeds in every process => same values
+    mesh = _mesh(spec)
+    steps = parallel.make_thinker_steps(config, mesh, batch=B, max_len=L, prefill_len=T)
+    params = sharding.place(params, steps.layout.params)
+    cache = sharding.place(init_cache(config, B, L), steps.layout.cache)
+    prompt = sharding.place(prompt, steps.layout.tokens)
+    lengths = sharding.place(lengths, steps.layout.rows)
+    toks, _ = parallel.greedy_generate(steps, params, cache, prompt, lengths, NEW)
+    toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))
+    if is_primary():
+        with open(os.path.join(out_dir, "multiprocess.json"), "w") as f:
+            json.dump({"tokens": toks.tolist(), "process_count": jax.process_count(), "devices": jax.device_count()}, f)
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "meshes":
+        meshes(sys.argv[2])
+    elif mode == "multiprocess":
+        multiprocess(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
