@@ -78,16 +78,22 @@ def random_params(cfg: OmniConfig, dtype: Any, seed: int = 0) -> dict[str, Any]:
 
 
 def load_model(
-    checkpoint_dir: str | None = None, dtype: Any = None, config: str | OmniConfig | None = None
+    checkpoint_dir: str | None = None, dtype: Any = None, config: str | OmniConfig | None = None, mesh: Any = None
 ) -> LoadedModel:
     """Config, params and tokenizer from `checkpoint_dir`, or the random-weight tiny default when it is None.
 
     config: override (path, shipped name or OmniConfig); by default the checkpoint's config.json, or 'tiny'.
+    mesh: a jax.sharding.Mesh: params are restored straight into their rules-table shardings.
     """
     dtype = default_dtype() if dtype is None else dtype
     if checkpoint_dir is None:
         cfg = config if isinstance(config, OmniConfig) else load_config(config or DEFAULT_CONFIG)
         params = random_params(cfg, dtype)
+        if mesh is not None:
+            from omni_jax import sharding
+
+            shard = sharding.param_shardings(checkpoint.boxed_abstract_params(cfg, dtype, tuple(params)), mesh)
+            params = sharding.place(params, shard)
         return LoadedModel(cfg, params, load_tokenizer(), dtype, True,
                            f"random weights: config {config or DEFAULT_CONFIG!r}, numpy seed 0")
     if not os.path.isdir(checkpoint_dir):
@@ -101,5 +107,10 @@ def load_model(
             raise FileNotFoundError(
                 f"no config.json in checkpoint {checkpoint_dir!r}; pass the model config explicitly"
             ) from e
-    params = checkpoint.load_params(checkpoint_dir, cfg, dtype)
+    shard = None
+    if mesh is not None:
+        from omni_jax import sharding
+
+        shard = sharding.param_shardings(checkpoint.boxed_abstract_params(cfg, dtype), mesh)
+    params = checkpoint.load_params(checkpoint_dir, cfg, dtype, shardings=shard)
     return LoadedModel(cfg, params, load_tokenizer(checkpoint_dir), dtype, False, f"checkpoint {checkpoint_dir}")
