@@ -4,7 +4,10 @@ Input: one JSON object per line with `id`, `prompt` or `messages`, optional `spe
 and sampling overrides (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
 `greedy`, `talker_max_new_tokens`). Every output file is written under a temporary name and
 renamed, so a killed job never leaves a truncated WAV or a partial JSONL line; a rerun skips the
-ids already in results.jsonl.
+ids already in results.jsonl (and redoes those whose WAV is missing).
+
+The input is validated against the config and tokenizer before the model loads, so bad lines
+(reported with their line numbers) cost nothing and --strict fails before any heavy work.
 
   python launch/batch.py --input=prompts.jsonl --output_dir=out [--checkpoint=DIR] [--mesh=tp4ep8]
 """
@@ -28,20 +31,23 @@ flags.DEFINE_string("input", None, "prompts.jsonl: one JSON object per line.")
 flags.DEFINE_string("output_dir", None, "Where <id>.wav and results.jsonl go.")
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir from launch/convert.py; default: tiny random weights.")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. tp4ep8, ep8, auto (default: single device).")
-flags.DEFINE_integer("batch_size", 4, "Prompts per compiled batch.")
+flags.DEFINE_integer("batch_size", 4, "Prompts per compiled batch.", lower_bound=1)
 flags.DEFINE_bool("text_only", False, "Skip the talker: text only, no WAVs.")
-flags.DEFINE_bool("strict", False, "Fail (non-zero exit) on the first bad input line instead of skipping it.")
+flags.DEFINE_bool("strict", False, "Fail (non-zero exit) on the first bad input line or failed batch instead of "
+                  "skipping it.")
 flags.DEFINE_string("speaker", "ethan", "Default speaker for lines without one.")
-flags.DEFINE_integer("max_new_tokens", 128, "Default thinker token budget.")
-flags.DEFINE_integer("talker_max_new_tokens", 256, "Default talker frame budget (80 ms each).")
+flags.DEFINE_integer("max_new_tokens", 128, "Default thinker token budget.", lower_bound=1)
+flags.DEFINE_integer("talker_max_new_tokens", 256, "Default talker frame budget (80 ms each).", lower_bound=1)
 flags.DEFINE_bool("greedy", True, "Default decoding: greedy thinker and talker.")
 flags.DEFINE_string("dtype", None, "float32 | bfloat16 (default: float32 on CPU, bfloat16 on accelerators).")
-flags.DEFINE_integer("max_len", 1024, "KV-cache length (prompt + generated tokens).")
+flags.DEFINE_integer("max_len", 1024, "KV-cache length (prompt + generated tokens).", lower_bound=2)
 flags.DEFINE_integer("seed", 0, "Base seed; each batch uses seed + its index.")
 
 RESULTS = "results.jsonl"
 TMP_TAG = ".tmp-"
-SAMPLING_KEYS = {"max_new_tokens", "talker_max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "greedy"}
+INT_KEYS = {"max_new_tokens", "talker_max_new_tokens", "top_k"}
+FLOAT_KEYS = {"temperature", "top_p", "repetition_penalty"}
+SAMPLING_KEYS = INT_KEYS | FLOAT_KEYS | {"greedy"}
 ITEM_KEYS = {"id", "prompt", "messages", "speaker", "system"} | SAMPLING_KEYS
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -58,14 +64,30 @@ class BadLine(ValueError):
     pass
 
 
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable across power loss (a killed process alone cannot lose it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write to a temp name in the same dir, fsync, rename: readers see the old file or the whole new one."""
-    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}{TMP_TAG}{os.getpid()}"
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}{TMP_TAG}{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(directory)
 
 
 def clean_temp_files(out_dir: str) -> int:
@@ -93,7 +115,50 @@ def load_done(out_dir: str) -> dict[str, dict]:
     return done
 
 
-def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only: bool):
+def is_complete(rec: dict, out_dir: str, text_only: bool) -> bool:
+    """A record counts as done unless this run wants speech and its WAV is absent (e.g. a text-only earlier run)."""
+    if text_only:
+        return True
+    wav = rec.get("wav")
+    return isinstance(wav, str) and os.path.isfile(os.path.join(out_dir, wav))
+
+
+def _check_sampling(n: int, obj: dict) -> dict:
+    """Type- and range-check per-line sampling overrides (so a bad value fails its line, not a whole batch)."""
+    from omni_jax.sampling import SamplingParams
+
+    s = {}
+    for k in SAMPLING_KEYS & set(obj):
+        v = obj[k]
+        if k == "greedy":
+            ok = isinstance(v, bool)
+            want = "true or false"
+        elif k in INT_KEYS:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+            want = "an integer"
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            want = "a number"
+        if not ok:
+            raise BadLine(f"line {n}: '{k}' must be {want}, got {v!r}")
+        s[k] = float(v) if k in FLOAT_KEYS else v
+    for k in ("max_new_tokens", "talker_max_new_tokens"):
+        if k in s and s[k] < 1:
+            raise BadLine(f"line {n}: '{k}' must be >= 1, got {s[k]}")
+    try:
+        SamplingParams(temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
+                       repetition_penalty=s.get("repetition_penalty", 1.0))
+    except ValueError as e:
+        raise BadLine(f"line {n}: {e}") from None
+    return s
+
+
+def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only: bool, tokenizer=None,
+               max_len: int | None = None) -> Item:
+    """One input line -> Item, or BadLine naming the line and what is wrong with it.
+
+    With a tokenizer, the prompt is also templated and checked against max_len (prompt + max_new_tokens).
+    """
     from omni_jax.pipeline import Request
 
     try:
@@ -117,15 +182,26 @@ def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only:
         raise BadLine(f"line {n}: needs exactly one of 'prompt' or 'messages'")
     if "prompt" in obj and not isinstance(obj["prompt"], str):
         raise BadLine(f"line {n}: 'prompt' must be a string")
+    if "system" in obj and not isinstance(obj["system"], str):
+        raise BadLine(f"line {n}: 'system' must be a string")
     speaker = obj.get("speaker", FLAGS.speaker)
     if not text_only and (not isinstance(speaker, str) or speaker.lower() not in speakers):
         raise BadLine(f"line {n}: unknown speaker {speaker!r}; known: {', '.join(speakers)}")
-    req = Request(prompt=obj.get("prompt"), messages=obj.get("messages"), system=obj.get("system"), speaker=speaker)
+    sampling = _check_sampling(n, obj)
+    max_new = sampling.get("max_new_tokens", FLAGS.max_new_tokens)
+    req = Request(prompt=obj.get("prompt"), messages=obj.get("messages"), system=obj.get("system"),
+                  speaker=speaker if isinstance(speaker, str) else FLAGS.speaker)
     try:
-        req.to_messages()
-    except (ValueError, TypeError) as e:
+        messages = req.to_messages()
+        if tokenizer is not None:
+            n_prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            if max_len is not None and n_prompt + max_new > max_len:
+                raise BadLine(f"line {n}: prompt of {n_prompt} tokens + max_new_tokens={max_new} exceeds "
+                              f"--max_len={max_len}")
+    except (ValueError, TypeError, AttributeError) as e:
+        if isinstance(e, BadLine):
+            raise
         raise BadLine(f"line {n}: {e}") from None
-    sampling = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
     seen.add(item_id)
     return Item(n, item_id, req, sampling)
 
@@ -156,31 +232,68 @@ def wav_bytes(wav, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
+def _job_config():
+    """The model config without loading weights: the checkpoint's config.json, or the tiny default."""
+    from omni_jax.config import load_config
+    from omni_jax.loading import DEFAULT_CONFIG
+
+    if FLAGS.checkpoint is None:
+        return load_config(DEFAULT_CONFIG)
+    if not os.path.isdir(FLAGS.checkpoint):
+        raise app.UsageError(f"--checkpoint {FLAGS.checkpoint!r} is not a directory")
+    try:
+        return load_config(FLAGS.checkpoint)
+    except FileNotFoundError:
+        raise app.UsageError(f"--checkpoint {FLAGS.checkpoint!r} has no config.json") from None
+
+
+def _make_mesh(config):
+    from omni_jax import mesh as mesh_lib
+
+    if not FLAGS.mesh:
+        return None
+    try:
+        return mesh_lib.make_mesh(FLAGS.mesh, num_experts=config.thinker.text.num_experts)
+    except mesh_lib.MeshSpecError as e:
+        raise app.UsageError(f"--mesh: {e}") from None
+
+
+def _load_pipeline(config, mesh):
+    from omni_jax.loading import parse_dtype
+    from omni_jax.pipeline import OmniPipeline
+
+    return OmniPipeline.load(FLAGS.checkpoint, dtype=parse_dtype(FLAGS.dtype), config=config, max_len=FLAGS.max_len,
+                             mesh=mesh)
+
+
+def _bad(msg: str) -> None:
+    print(f"bad input: {msg}", file=sys.stderr, flush=True)
+    if FLAGS.strict:
+        print("stopping: --strict", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main(argv):
     del argv
     if not FLAGS.input or not FLAGS.output_dir:
         raise app.UsageError("--input and --output_dir are required")
+    if not os.path.isfile(FLAGS.input):
+        raise app.UsageError(f"--input {FLAGS.input!r} is not a file")
     from omni_jax import mesh as mesh_lib
 
     mesh_lib.maybe_initialize_distributed()
     from tqdm import tqdm
 
-    from omni_jax.loading import parse_dtype
-    from omni_jax.pipeline import OmniPipeline
+    from omni_jax.tokenizer import load_tokenizer
 
-    primary = mesh_lib.is_primary()
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    if primary:
-        removed = clean_temp_files(FLAGS.output_dir)
-        if removed:
-            logging.info("removed %d temporary files left by an interrupted run", removed)
+    config = _job_config()
+    speakers = sorted(name.lower() for name, _ in config.talker.speaker_id)
+    if not FLAGS.text_only and FLAGS.speaker.lower() not in speakers:
+        raise app.UsageError(f"--speaker {FLAGS.speaker!r} is unknown; known: {', '.join(speakers)}")
+    mesh = _make_mesh(config)
+    tokenizer = load_tokenizer(FLAGS.checkpoint)
 
-    pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=parse_dtype(FLAGS.dtype), max_len=FLAGS.max_len)
-    if pipe.random_weights:
-        print("NOTE: no --checkpoint given: running the tiny embedded model with RANDOM weights "
-              "(text and audio are noise).", flush=True)
-    speakers = [s.lower() for s in pipe.speakers()]
-
+    # Validate every line before loading weights: bad lines cost nothing and --strict stops here.
     items, bad = [], []
     seen: set[str] = set()
     with open(FLAGS.input, encoding="utf-8") as f:
@@ -188,18 +301,20 @@ def main(argv):
             if not raw.strip():
                 continue
             try:
-                items.append(parse_line(n, raw, seen, speakers, FLAGS.text_only))
+                items.append(parse_line(n, raw, seen, speakers, FLAGS.text_only, tokenizer, FLAGS.max_len))
             except BadLine as e:
                 bad.append(str(e))
-                logging.error("%s", e)
-                print(f"bad input: {e}", file=sys.stderr, flush=True)
-                if FLAGS.strict:
-                    print("stopping: --strict", file=sys.stderr)
-                    sys.exit(2)
+                _bad(str(e))
 
+    primary = mesh_lib.is_primary()
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    if primary:
+        removed = clean_temp_files(FLAGS.output_dir)
+        if removed:
+            logging.info("removed %d temporary files left by an interrupted run", removed)
     done = load_done(FLAGS.output_dir)
-    todo = [it for it in items if it.id not in done]
-    if len(todo) < len(items):
+    todo = [it for it in items if not (it.id in done and is_complete(done[it.id], FLAGS.output_dir, FLAGS.text_only))]
+    if len(todo) < len(items) and primary:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} items already done", flush=True)
 
     # Items sharing sampling settings share a compiled batch.
@@ -207,6 +322,13 @@ def main(argv):
     for it in todo:
         groups.setdefault(tuple(sorted(it.sampling.items())), []).append(it)
     batches = [g[i : i + FLAGS.batch_size] for g in groups.values() for i in range(0, len(g), FLAGS.batch_size)]
+
+    pipe = None
+    if batches:
+        pipe = _load_pipeline(config, mesh)
+        if pipe.random_weights and primary:
+            print("NOTE: no --checkpoint given: running the tiny embedded model with RANDOM weights "
+                  "(text and audio are noise).", flush=True)
 
     failures, audio_s, compute_s = 0, 0.0, 0.0
     bar = tqdm(total=len(todo), unit="item", disable=not primary)
@@ -220,6 +342,10 @@ def main(argv):
         except Exception as e:  # noqa: BLE001 - one failing batch must not end the job
             failures += len(batch)
             logging.exception("batch of ids %s failed: %s", [it.id for it in batch], e)
+            print(f"failed: ids {[it.id for it in batch]}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            if FLAGS.strict:
+                print("stopping: --strict", file=sys.stderr, flush=True)
+                sys.exit(1)
             bar.update(len(batch))
             continue
         elapsed = time.perf_counter() - t0
@@ -230,6 +356,7 @@ def main(argv):
                        "generated_tokens": len(res.token_ids), "finish_reason": res.finish_reason,
                        "audio_seconds": round(res.audio_seconds, 6), "timings": {**res.timings, "batch_s": elapsed}}
                 if res.wav is not None:
+                    # WAV first, then the record that points at it: a record never names a missing/partial file.
                     atomic_write(os.path.join(FLAGS.output_dir, f"{it.id}.wav"), wav_bytes(res.wav, res.sample_rate))
                     rec.update(wav=f"{it.id}.wav", samples=int(len(res.wav)), sample_rate=res.sample_rate,
                                frames=int(res.codes.shape[-1]))
@@ -246,8 +373,6 @@ def main(argv):
                "compute_seconds": round(compute_s, 3), "real_time_factor": None if audio_s == 0 else round(rtf, 3)}
     if primary:
         print("summary: " + json.dumps(summary), flush=True)
-    if failures and FLAGS.strict:
-        sys.exit(1)
 
 
 if __name__ == "__main__":
