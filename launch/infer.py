@@ -1,9 +1,16 @@
-"""Command-line text generation with the Thinker.
+"""Command-line text + speech generation (thinker -> talker -> Code2Wav) with OmniPipeline.
 
-  python launch/infer.py --prompt="你好,世界" --text_only
-  python launch/infer.py --checkpoint=DIR --prompt_file=q.txt --temperature=0.7 --top_p=0.8
-  python launch/infer.py --input_ids=151644,872,198 --greedy --max_new_tokens=16 --dump_dir=/tmp/out
+  python launch/infer.py --prompt="你好,世界"                       # text + output.wav (24 kHz)
+  python launch/infer.py --checkpoint=DIR --prompt_file=q.txt --speaker=Chelsie --output=/tmp/a.wav
+  python launch/infer.py --prompt="hi" --text_only --temperature=0.7 --top_p=0.8
+  python launch/infer.py --input_ids=151644,872,198,... --greedy --talker_greedy --dump_dir=/tmp/out
+  python launch/infer.py --interactive --checkpoint=DIR         # chat on stdin; /reset, /exit
+  python launch/infer.py --prompt="hi" --stream --output=- | aplay -f S16_LE -r 24000 -c 1   # streamed speech
 
+Speech is on by default and written to --output (default output.wav; --output= writes none).
+--dump_dir additionally writes tokens.json, codes.npy (int32 [16, frames]) and audio.wav.
+--interactive keeps the conversation (each reply is appended to the message history), writes
+turn_<n>.wav next to --output and, with --dump_dir, turn_<n>/{tokens.json,codes.npy,audio.wav}.
 Without --checkpoint the tiny config runs with deterministic random weights (smoke test only).
 """
 
@@ -23,17 +30,36 @@ flags.DEFINE_string("prompt", None, "User message (ChatML template applied).")
 flags.DEFINE_string("prompt_file", None, "File whose contents are the user message.")
 flags.DEFINE_string("input_ids", None, "Comma-separated exact prompt token ids (no template).")
 flags.DEFINE_string("system", None, "Optional system message.")
-flags.DEFINE_bool("text_only", False, "Generate text only (speech output is not wired yet either way).")
-flags.DEFINE_integer("max_new_tokens", 64, "Maximum number of generated tokens.")
-flags.DEFINE_bool("greedy", False, "Greedy decoding (same as --temperature=0).")
+flags.DEFINE_bool("interactive", False, "Chat on stdin, keeping the history; '/reset' clears it, '/exit' or EOF quits.")
+flags.DEFINE_bool("text_only", False, "Generate text only (skip the talker and vocoder).")
+flags.DEFINE_string("speaker", "ethan", "Voice (case-insensitive), e.g. ethan, chelsie, aiden.")
+flags.DEFINE_string("output", "output.wav", "WAV file for the speech (24 kHz); empty: do not write one. "
+                    "With --interactive, turn_<n>.wav files go into this file's directory.")
+flags.DEFINE_integer("max_new_tokens", 64, "Maximum number of generated text tokens.", lower_bound=1)
+flags.DEFINE_bool("greedy", False, "Greedy text decoding (same as --temperature=0).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "Top-k filter; 0 = off.")
 flags.DEFINE_float("top_p", 1.0, "Top-p (nucleus) filter; 1 = off.")
 flags.DEFINE_float("repetition_penalty", 1.0, "HF-style repetition penalty; 1 = off.")
-flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
+flags.DEFINE_integer("talker_max_new_tokens", 1024, "Maximum talker tokens (codec frames of 80 ms, + 1).",
+                     lower_bound=1)
+flags.DEFINE_bool("talker_greedy", False, "Greedy talker and code predictor (keeps the talker repetition penalty).")
+flags.DEFINE_float("talker_temperature", 0.9, "Talker sampling temperature (HF default 0.9); 0 = greedy.")
+flags.DEFINE_integer("talker_top_k", 50, "Talker top-k (HF default 50); 0 = off.")
+flags.DEFINE_float("talker_top_p", 1.0, "Talker top-p (HF default 1.0 = off).")
+flags.DEFINE_float("talker_repetition_penalty", 1.05, "Talker repetition penalty on codec group 0 (HF default 1.05).")
+flags.DEFINE_integer("seed", 0, "PRNG seed for sampling (interactive turn n uses seed + n - 1).")
 flags.DEFINE_string("dtype", None, "float32 | bfloat16 (default: float32 on CPU, bfloat16 otherwise).")
 flags.DEFINE_integer("max_len", 1024, "KV-cache length: prompt + max_new_tokens must fit.")
-flags.DEFINE_string("dump_dir", None, "If set, write tokens.json (prompt and generated ids) there.")
+flags.DEFINE_string("dump_dir", None, "If set, write tokens.json (+ codes.npy and audio.wav with speech) there.")
+flags.DEFINE_string("mesh", None, "Shard over a device mesh, e.g. tp4ep8, ep8, dp2tp4, auto (default: one device).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool("stream", False, "Stream: print text as it comes and write audio chunk by chunk while the thinker "
+                  "is still writing (--output file.wav stays valid after every chunk; --output=- writes raw PCM "
+                  "s16le 24 kHz mono to stdout and the text to stderr); prints latencies. Batch 1, one process.")
+flags.DEFINE_integer("stream_chunk", 4, "Codec frames (80 ms each) per streamed audio chunk, 4..25.")
 
 
 def _prompt_ids(tokenizer) -> list[int]:
@@ -50,10 +76,28 @@ def _prompt_ids(tokenizer) -> list[int]:
             text = f.read()
     else:
         text = FLAGS.prompt
-    messages = ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else []) + [
-        {"role": "user", "content": text}
-    ]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(_system_messages() + [{"role": "user", "content": text}],
+                                         add_generation_prompt=True)
+
+
+def _system_messages() -> list[dict]:
+    return [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
+
+
+def _samplings():
+    from omni_jax.sampling import SamplingParams
+    from omni_jax.talker import TalkerSampling
+
+    if FLAGS.greedy or FLAGS.temperature == 0.0:
+        text = SamplingParams.greedy(repetition_penalty=FLAGS.repetition_penalty)
+    else:
+        text = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.repetition_penalty)
+    if FLAGS.talker_greedy or FLAGS.talker_temperature == 0.0:
+        talker = TalkerSampling.greedy(repetition_penalty=FLAGS.talker_repetition_penalty)
+    else:
+        talker = TalkerSampling(temperature=FLAGS.talker_temperature, top_k=FLAGS.talker_top_k,
+                                top_p=FLAGS.talker_top_p, repetition_penalty=FLAGS.talker_repetition_penalty)
+    return text, talker
 
 
 def main(argv):
@@ -66,36 +110,140 @@ def main(argv):
 
 
 def _run():
-    from omni_jax.engine import ThinkerEngine
-    from omni_jax.loading import load_model, parse_dtype
-    from omni_jax.sampling import SamplingParams
+    from omni_jax.config import load_config
+    from omni_jax.loading import DEFAULT_CONFIG, parse_dtype
+    from omni_jax.mesh import is_primary, make_mesh, maybe_initialize_distributed
+    from omni_jax.pipeline import OmniPipeline
 
-    model = load_model(FLAGS.checkpoint, parse_dtype(FLAGS.dtype))
-    if model.random_weights:
-        print(f"NOTE: no --checkpoint given, so the weights are RANDOM ({model.source}); "
-              "the generated text is meaningless.", flush=True)
+    if FLAGS.interactive:
+        given = [f for f in ("prompt", "prompt_file", "input_ids") if getattr(FLAGS, f) is not None]
+        if given:
+            raise app.UsageError(f"--interactive reads the prompts from stdin; drop --{', --'.join(given)}")
+    multi = maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if multi and FLAGS.interactive:
+        raise app.UsageError("--interactive runs in a single process (only one process can own stdin)")
+    # Bad flags (sampling, speaker, mesh) fail before the weights load.
+    samplings = _samplings()
+    if FLAGS.checkpoint and not os.path.isdir(FLAGS.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint!r} is not a directory")
+    config = load_config(FLAGS.checkpoint or DEFAULT_CONFIG)
     if not FLAGS.text_only:
-        print("NOTE: speech output is not wired yet; generating text only (as with --text_only).", flush=True)
-    prompt = _prompt_ids(model.tokenizer)
-    if FLAGS.greedy or FLAGS.temperature == 0.0:
-        sampling = SamplingParams.greedy(repetition_penalty=FLAGS.repetition_penalty)
-    else:
-        sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.repetition_penalty)
-    engine = ThinkerEngine(model.config, model.params["thinker"], max_len=FLAGS.max_len,
-                           eos_ids=model.tokenizer.eos_token_ids, pad_id=model.tokenizer.pad_token_id,
-                           dtype=model.dtype)
-    result = engine.generate([prompt], FLAGS.max_new_tokens, sampling, seed=FLAGS.seed)
-    generated = result.tokens[0]
-    text = model.tokenizer.decode(generated, skip_special_tokens=True)
-    print(f"[{len(prompt)} prompt tokens, {len(generated)} generated, finish: {result.finish_reasons[0]}]")
-    print(text)
-    if FLAGS.dump_dir:
-        os.makedirs(FLAGS.dump_dir, exist_ok=True)
-        path = os.path.join(FLAGS.dump_dir, "tokens.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"prompt_ids": prompt, "generated_ids": generated, "text": text,
-                       "finish_reason": result.finish_reasons[0], "weights": model.source}, f, ensure_ascii=False)
-        print(f"wrote {path}")
+        config.talker.speaker(FLAGS.speaker)  # unknown speaker -> ValueError listing the known ones
+    mesh = make_mesh(FLAGS.mesh, num_experts=config.thinker.text.num_experts) if FLAGS.mesh else None
+    pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=parse_dtype(FLAGS.dtype), max_len=FLAGS.max_len, mesh=mesh)
+    if FLAGS.stream:
+        return _stream(pipe, samplings, multi)
+    primary = is_primary()  # every process computes; only process 0 prints and writes
+    say = print if primary else (lambda *a, **k: None)
+    if pipe.random_weights:
+        say(f"NOTE: no --checkpoint given, so the weights are RANDOM ({pipe.loaded.source}); "
+            "the generated text and speech are meaningless.", flush=True)
+    if FLAGS.interactive:
+        _chat(pipe, samplings, say, primary)
+        return
+    prompt = _prompt_ids(pipe.tokenizer)
+    res = _answer(pipe, prompt, samplings, FLAGS.seed)
+    if primary:
+        _report(pipe, res, FLAGS.output or None, FLAGS.dump_dir)
+
+
+def _answer(pipe, prompt: list[int], samplings, seed: int):
+    text, talker = samplings
+    (res,) = pipe.generate_ids(
+        [prompt], FLAGS.speaker, text_only=FLAGS.text_only, max_new_tokens=FLAGS.max_new_tokens,
+        talker_max_new_tokens=FLAGS.talker_max_new_tokens, sampling=text, talker_sampling=talker, seed=seed,
+    )
+    return res
+
+
+def _report(pipe, res, wav_path: str | None, dump_dir: str | None, label: str = "", extra: dict | None = None):
+    """Print the reply (+ a summary line) and write the WAV / dump files."""
+    import numpy as np
+
+    print(f"[{label}{len(res.prompt_ids)} prompt tokens, {len(res.token_ids)} generated, "
+          f"finish: {res.finish_reason}]")
+    print(res.text, flush=True)
+    if res.wav is not None:
+        print(f"[speech: {res.codes.shape[1]} frames, {res.audio_seconds:.2f} s at {res.sample_rate} Hz, "
+              f"speaker {FLAGS.speaker}]")
+        if wav_path:
+            _write_wav(wav_path, res)
+            print(f"wrote {wav_path}")
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        doc = {"prompt_ids": res.prompt_ids, "generated_ids": res.token_ids, "text": res.text,
+               "finish_reason": res.finish_reason, "weights": pipe.loaded.source, **(extra or {})}
+        if res.codes is not None:
+            doc.update(speaker=FLAGS.speaker, frames=int(res.codes.shape[1]), sample_rate=res.sample_rate)
+            np.save(os.path.join(dump_dir, "codes.npy"), np.asarray(res.codes, np.int32))
+            _write_wav(os.path.join(dump_dir, "audio.wav"), res)
+        with open(os.path.join(dump_dir, "tokens.json"), "w", encoding="utf-8") as f:
+            json.dump(doc, f, ensure_ascii=False)
+        print(f"wrote {dump_dir}")
+
+
+def _write_wav(path: str, res) -> None:
+    import soundfile as sf
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sf.write(path, res.wav, res.sample_rate, subtype="PCM_16")
+
+
+def _chat(pipe, samplings, say, primary: bool) -> None:
+    """Read user turns from stdin; each reply joins the history the next prompt is built from."""
+    history = _system_messages()
+    wav_dir = os.path.dirname(os.path.abspath(FLAGS.output)) if FLAGS.output else None
+    say("interactive chat: type a message and press Enter; /reset clears the history, /exit or EOF quits", flush=True)
+    turn = 0
+    while True:
+        say("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            say()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = _system_messages()
+            say("[history cleared]", flush=True)
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        prompt = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            res = _answer(pipe, prompt, samplings, FLAGS.seed + turn)
+        except ValueError as e:  # e.g. the history outgrew --max_len: report, keep the session
+            say(f"error: {e} (turn not added; /reset clears the history)", flush=True)
+            continue
+        turn += 1
+        history = messages + [{"role": "assistant", "content": res.text}]
+        if primary:
+            wav = os.path.join(wav_dir, f"turn_{turn}.wav") if wav_dir else None
+            dump = os.path.join(FLAGS.dump_dir, f"turn_{turn}") if FLAGS.dump_dir else None
+            _report(pipe, res, wav, dump, label=f"turn {turn}: ", extra={"messages": messages})
+
+
+def _stream(pipe, samplings, multi: bool) -> None:
+    """--stream: text deltas and progressive audio via omni_jax.streaming (latencies printed at the end)."""
+    from omni_jax.streaming import stream_to_outputs
+
+    bad = [f for f in ("interactive", "text_only", "dump_dir") if getattr(FLAGS, f)]
+    if bad or multi:
+        drop = ", --".join(bad or ["num_processes"])
+        raise app.UsageError(f"--stream runs one prompt with speech in one process; drop --{drop}")
+    log = sys.stderr if FLAGS.output == "-" else sys.stdout  # stdout may carry the raw audio
+    if pipe.random_weights:
+        print(f"NOTE: no --checkpoint given, so the weights are RANDOM ({pipe.loaded.source}); "
+              "the generated text and speech are meaningless.", file=log, flush=True)
+    text, talker = samplings
+    stream = pipe.stream(_prompt_ids(pipe.tokenizer), speaker=FLAGS.speaker, max_new_tokens=FLAGS.max_new_tokens,
+                         talker_max_new_tokens=FLAGS.talker_max_new_tokens, sampling=text, talker_sampling=talker,
+                         seed=FLAGS.seed, chunk_frames=FLAGS.stream_chunk)
+    stream_to_outputs(stream, FLAGS.output or None, pipe.sample_rate, text_out=log)
+    if FLAGS.output and FLAGS.output != "-":
+        print(f"wrote {FLAGS.output}", file=log)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import deque
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -217,6 +217,17 @@ def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(out) + (max_len,)
 
 
+class Prefilled(NamedTuple):
+    """`ThinkerEngine.start`'s output: the state after prefill and what the decode loop needs."""
+
+    state: DecodeState
+    first: jax.Array  # [B] first generated token per row
+    any_pending: jax.Array  # [] bool
+    prompts: list[list[int]]
+    eos: tuple[int, ...]
+    sampling: SamplingParams
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """Per-row outputs. embeds/accept_hidden: [B, max(total_lengths), H] (collect_hidden only), row b valid
@@ -318,25 +329,22 @@ class ThinkerEngine:
             self._stream_target(np.asarray(toks), np.asarray(emit))
 
     # -- generation ---------------------------------------------------------------
-    def generate(
+    def start(
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
         sampling: SamplingParams | None = None,
         seed: int | jax.Array = 0,
-        callback: StreamCallback | None = None,
         collect_hidden: bool = False,
-        loop: str | None = None,
         eos_ids: Sequence[int] | None = None,
-    ) -> GenerationResult:
-        """Generate for a batch of token-id prompts (no template applied); rows stop on EOS or max_new_tokens.
+    ) -> Prefilled:
+        """Validate, pad to a length bucket and run the compiled prefill (the first half of `generate`).
 
-        callback(row, token) is called for every new token, in order per row. seed: int or a jax PRNG key.
-        eos_ids: overrides the engine's stop ids for this call.
+        Public so host-driven loops (omni_jax.streaming) can step `decode_fn` themselves; hand the final
+        state to `release` so the next call reuses its cache.
         """
         eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         sampling = SamplingParams.greedy() if sampling is None else sampling
-        loop = self.loop if loop is None else loop
         prompts = [[int(t) for t in p] for p in prompts]
         if not prompts:
             raise ValueError("no prompts given")
@@ -360,18 +368,44 @@ class ThinkerEngine:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
         rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-
-        def emit_host(toks, emitted):
-            if callback is not None:
-                for row in np.flatnonzero(emitted):
-                    callback(int(row), int(toks[row]))
-
         state, first, any_pending = self.prefill_fn(
             # numpy inputs go straight to the compiled call (jnp.asarray would compile a staging op per shape)
             self.params, self._cache(batch), tokens, np.asarray(lengths, np.int32), rng,
             np.asarray(max_new_tokens, np.int32), np.asarray(eos, np.int32).reshape(-1),
             sampling=sampling, collect_hidden=collect_hidden,
         )
+        return Prefilled(state, first, any_pending, prompts, eos, sampling)
+
+    def release(self, state: DecodeState) -> None:
+        """Keep a finished state's cache for the next call with the same batch size."""
+        self._caches[state.cache.batch] = state.cache
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        seed: int | jax.Array = 0,
+        callback: StreamCallback | None = None,
+        collect_hidden: bool = False,
+        loop: str | None = None,
+        eos_ids: Sequence[int] | None = None,
+    ) -> GenerationResult:
+        """Generate for a batch of token-id prompts (no template applied); rows stop on EOS or max_new_tokens.
+
+        callback(row, token) is called for every new token, in order per row. seed: int or a jax PRNG key.
+        eos_ids: overrides the engine's stop ids for this call.
+        """
+        loop = self.loop if loop is None else loop
+        pre = self.start(prompts, max_new_tokens, sampling, seed, collect_hidden, eos_ids)
+        state, first, any_pending, prompts, eos, sampling = pre
+        batch = len(prompts)
+
+        def emit_host(toks, emitted):
+            if callback is not None:
+                for row in np.flatnonzero(emitted):
+                    callback(int(row), int(toks[row]))
+
         emit_host(np.asarray(first), np.ones((batch,), bool))
         if loop == "device":
             self._stream_target = emit_host if callback is not None else None

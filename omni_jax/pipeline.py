@@ -3,11 +3,19 @@
 Thinker (ThinkerEngine: compiled prefill/decode over a static cache) -> talker input assembly ->
 TalkerGenerator (compiled talker step + one-call code-predictor frames) -> Code2Wav. Used by
 `launch/infer.py`, `launch/batch.py` and the notebook.
+
+Batching never changes a row's result: every row reproduces transformers' single-sequence
+`Qwen3OmniMoeForConditionalGeneration.generate` for its prompt (same text tokens, codec frames and
+waveform), whatever else shares the batch. (HF's own batched generate differs from its
+single-sequence one in two quirks — a row that ends early keeps its EOS embedding in the talker's
+trailing text, and its talker repetition penalty skips as many codes as it has left padding — which
+we do not copy.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -16,10 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax import code2wav as c2w
-from omni_jax.engine import ThinkerEngine
+from omni_jax.engine import GenerationResult, ThinkerEngine
 from omni_jax.loading import LoadedModel, load_model
 from omni_jax.sampling import SamplingParams
 from omni_jax.talker import TalkerGenerator, TalkerSampling, tts_token_ids
+
+#: HF `Code2Wav.chunked_decode` settings used by `generate(..., return_audio=True)`.
+CHUNK_SIZE = 300
+LEFT_CONTEXT = 25
+#: The talker prompt takes the first reply token and its trailing text starts at the second, so a reply needs two.
+MIN_SPEECH_TOKENS = 2
 
 
 @dataclasses.dataclass
@@ -48,7 +62,7 @@ class Result:
     prompt_ids: list[int]
     token_ids: list[int]  # generated ids (EOS included when produced)
     finish_reason: str
-    codes: np.ndarray | None = None  # [16, frames] int32
+    codes: np.ndarray | None = None  # [16, frames] int32 (speech only; 0 frames for a reply too short to voice)
     wav: np.ndarray | None = None  # [samples] float32 in [-1, 1]
     sample_rate: int = 24000
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -58,29 +72,48 @@ class Result:
         return 0.0 if self.wav is None else len(self.wav) / self.sample_rate
 
 
+def _frame_bucket(n: int, cap: int, smallest: int = 16) -> int:
+    """Power of two >= n (at least `smallest`), capped at `cap`: the padded frame count of a short decode."""
+    return min(cap, max(smallest, 1 << max(0, n - 1).bit_length()))
+
+
 class OmniPipeline:
     """Loads params once; `generate` answers a batch of requests with text (+ speech)."""
 
     def __init__(self, loaded: LoadedModel, *, max_len: int = 2048, buckets: Sequence[int] | None = None,
-                 moe_impl: str = "auto"):
-        self.loaded = loaded
+                 moe_impl: str = "auto", mesh: Any = None):
+        """mesh: a jax.sharding.Mesh (omni_jax.mesh.make_mesh): thinker and talker run sharded (expert-parallel
+        MoE, rules table); Code2Wav runs replicated. None: one device."""
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.params = loaded.params
         self.dtype = loaded.dtype
         self.max_len = max_len
+        self.mesh = mesh
         self.engine = ThinkerEngine(
-            self.config, self.params["thinker"], max_len=max_len, buckets=buckets,
-            eos_ids=self.tokenizer.eos_token_ids, pad_id=self.tokenizer.pad_token_id, dtype=self.dtype, moe_impl=moe_impl,
+            self.config, loaded.params["thinker"], max_len=max_len, buckets=buckets,
+            eos_ids=self.tokenizer.eos_token_ids, pad_id=self.tokenizer.pad_token_id, dtype=self.dtype,
+            moe_impl=moe_impl, mesh=mesh,
         )
-        self.has_speech = "talker" in self.params and "code2wav" in self.params
-        self.talker = TalkerGenerator(self.config, self.dtype, moe_impl) if self.has_speech else None
+        params = dict(loaded.params, thinker=self.engine.params)  # the engine's (possibly re-placed) copy
+        self.has_speech = "talker" in params and "code2wav" in params
+        self.talker = None
+        if self.has_speech:
+            if mesh is not None:
+                from omni_jax import parallel, sharding
+
+                params["talker"] = sharding.place(
+                    params["talker"], parallel.talker_param_shardings(self.config, mesh, dtype=self.dtype))
+            self.talker = TalkerGenerator(self.config, self.dtype, moe_impl, mesh=mesh)
+        self.params = params
+        self.loaded = dataclasses.replace(loaded, params=params)  # no second reference to unplaced arrays
 
     @classmethod
     def load(cls, checkpoint: str | None = None, *, dtype: Any = None, config: Any = None, max_len: int = 2048,
-             buckets: Sequence[int] | None = None, moe_impl: str = "auto") -> "OmniPipeline":
-        """`checkpoint`: an Orbax dir written by launch/convert.py; None = the tiny default with random weights."""
-        return cls(load_model(checkpoint, dtype, config), max_len=max_len, buckets=buckets, moe_impl=moe_impl)
+             buckets: Sequence[int] | None = None, moe_impl: str = "auto", mesh: Any = None) -> "OmniPipeline":
+        """`checkpoint`: an Orbax dir written by launch/convert.py; None = the tiny default with random weights.
+        With a mesh, params are restored straight into their shardings."""
+        return cls(load_model(checkpoint, dtype, config, mesh=mesh), max_len=max_len, buckets=buckets,
+                   moe_impl=moe_impl, mesh=mesh)
 
     @property
     def random_weights(self) -> bool:
@@ -97,10 +130,6 @@ class OmniPipeline:
         request = Request(prompt=request) if isinstance(request, str) else request
         return self.tokenizer.apply_chat_template(request.to_messages(), add_generation_prompt=True)
 
-    def _tts_embeds(self) -> np.ndarray:
-        table = self.params["thinker"]["embed_tokens"]["embedding"]
-        return np.asarray(jnp.take(table, jnp.asarray(tts_token_ids(self.config)), axis=0), np.float32)
-
     def generate(
         self,
         requests: Sequence[Request | str],
@@ -113,69 +142,150 @@ class OmniPipeline:
         seed: int = 0,
         callback: Callable[[int, int], None] | None = None,
     ) -> list[Result]:
-        """Answer every request; rows share one compiled batch. callback(row, token_id) streams text tokens."""
+        """Answer every request (ChatML template applied); rows share one compiled batch.
+        callback(row, token_id) streams text tokens."""
         requests = [Request(prompt=r) if isinstance(r, str) else r for r in requests]
         if not requests:
             raise ValueError("no requests given")
+        return self.generate_ids(
+            [self.encode(r) for r in requests], [r.speaker for r in requests], text_only=text_only,
+            max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens, sampling=sampling,
+            talker_sampling=talker_sampling, seed=seed, callback=callback,
+        )
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        speakers: str | Sequence[str] = "ethan",
+        *,
+        text_only: bool = False,
+        max_new_tokens: int = 256,
+        talker_max_new_tokens: int = 1024,
+        sampling: SamplingParams | None = None,
+        talker_sampling: TalkerSampling | None = None,
+        seed: int = 0,
+        eos_ids: Sequence[int] | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> list[Result]:
+        """Answer exact prompt token ids (no template; speech needs an '<|im_start|>assistant' header in each).
+
+        speakers: one name for all rows or one per row (case-insensitive). eos_ids: ids ending the text (default:
+        the tokenizer's); they also place the talker's end-of-text marker, like HF's `thinker_eos_token_id`.
+        A reply shorter than MIN_SPEECH_TOKENS gets no audio (0 frames, empty waveform).
+        """
+        prompts = [[int(t) for t in p] for p in prompt_ids]
+        if not prompts:
+            raise ValueError("no prompts given")
+        names = [speakers] * len(prompts) if isinstance(speakers, str) else list(speakers)
+        if len(names) != len(prompts):
+            raise ValueError(f"got {len(names)} speakers for {len(prompts)} prompts")
         speech = not text_only
-        if speech and not self.has_speech:
-            raise ValueError("this checkpoint has no talker/code2wav weights; use text_only=True")
         if speech:
-            for r in requests:
-                self.config.talker.speaker(r.speaker)  # unknown speaker -> ValueError listing the known ones
-        prompts = [self.encode(r) for r in requests]
+            if not self.has_speech:
+                raise ValueError("this checkpoint has no talker/code2wav weights; use text_only=True")
+            for name in names:
+                self.config.talker.speaker(name)  # unknown speaker -> ValueError listing the known ones
+        eos = tuple(int(e) for e in (self.tokenizer.eos_token_ids if eos_ids is None else eos_ids))
         t0 = time.perf_counter()
         out = self.engine.generate(prompts, max_new_tokens, sampling or SamplingParams.greedy(), seed=seed,
-                                   callback=callback, collect_hidden=speech)
+                                   callback=callback, collect_hidden=speech, eos_ids=eos)
         t_thinker = time.perf_counter() - t0
-        results = []
-        for b, toks in enumerate(out.tokens):
-            text_ids = [t for t in toks if t not in self.tokenizer.eos_token_ids]
-            results.append(Result(
-                text=self.tokenizer.decode(text_ids, skip_special_tokens=True), prompt_ids=prompts[b],
-                token_ids=list(toks), finish_reason=out.finish_reasons[b], sample_rate=self.sample_rate,
-                timings={"thinker_s": t_thinker},
-            ))
-        if not speech:
-            return results
-        codes, lengths, t_talker = self._talk(requests, prompts, out, talker_max_new_tokens, talker_sampling, seed)
-        t1 = time.perf_counter()
-        wavs = self.vocode(codes, lengths)
-        t_c2w = time.perf_counter() - t1
-        for b, res in enumerate(results):
-            res.codes = codes[b, :, : lengths[b]]
-            res.wav = wavs[b]
-            res.timings.update(talker_s=t_talker, code2wav_s=t_c2w)
+        results = [
+            Result(text=self.tokenizer.decode([t for t in toks if t not in eos], skip_special_tokens=True),
+                   prompt_ids=prompts[b], token_ids=list(toks), finish_reason=out.finish_reasons[b],
+                   sample_rate=self.sample_rate, timings={"thinker_s": t_thinker})
+            for b, toks in enumerate(out.tokens)
+        ]
+        if speech:
+            self._speak(results, out, names, eos, talker_max_new_tokens, talker_sampling or TalkerSampling(), seed)
         return results
 
-    def _talk(self, requests, prompts, out, max_new, sampling, seed):
+    def _speak(self, results: list[Result], out: GenerationResult, speakers: list[str], eos: tuple[int, ...],
+               max_new: int, sampling: TalkerSampling, seed: int) -> None:
+        """Talker + Code2Wav for every row with a reply long enough to voice; fills codes/wav/timings in place."""
+        groups = self.config.talker.num_code_groups
+        rows = [b for b, r in enumerate(results) if len(r.token_ids) >= MIN_SPEECH_TOKENS]
+        for r in results:
+            r.codes, r.wav = np.zeros((groups, 0), np.int32), np.zeros((0,), np.float32)
+        if not rows:
+            return
         t0 = time.perf_counter()
-        n = len(requests)
-        embeds = [out.embeds[b, : out.total_lengths[b]] for b in range(n)]
-        hidden = [out.accept_hidden[b, : out.total_lengths[b]] for b in range(n)]
         inputs = self.talker.build_inputs(
-            self.params["talker"], prompts, [np.asarray(t) for t in out.tokens], embeds, hidden,
-            self._tts_embeds(), [r.speaker for r in requests],
+            self.params["talker"], [np.asarray(results[b].prompt_ids) for b in rows],
+            [np.asarray(results[b].token_ids) for b in rows],
+            [out.embeds[b, : out.total_lengths[b]] for b in rows],
+            [out.accept_hidden[b, : out.total_lengths[b]] for b in rows],
+            self._tts_embeds(), [speakers[b] for b in rows], thinker_eos_ids=eos,
         )
-        res = self.talker.generate(
-            self.params["talker"], inputs, max_new, sampling or TalkerSampling(),
-            rng=jax.random.PRNGKey(seed + 1),
-        )
-        return res.codes, res.lengths, time.perf_counter() - t0
+        # penalty_from=None: every code counts for the repetition penalty, as in HF's single-sequence generate.
+        talk = self.talker.generate(self.params["talker"], inputs, max_new, sampling,
+                                    rng=jax.random.PRNGKey(seed + 1), penalty_from=None)
+        t1 = time.perf_counter()
+        wavs = self.vocode(talk.codes, talk.lengths)
+        t2 = time.perf_counter()
+        for i, b in enumerate(rows):
+            results[b].codes = talk.codes[i, :, : talk.lengths[i]]
+            results[b].wav = wavs[i]
+        for r in results:
+            r.timings.update(talker_s=t1 - t0, code2wav_s=t2 - t1)
 
-    def vocode(self, codes: np.ndarray, lengths: Sequence[int]) -> list[np.ndarray]:
-        """codes [B, 16, T] (zero past each row's length) -> one waveform per row, as HF cuts them."""
+    def _tts_embeds(self) -> np.ndarray:
+        table = self.params["thinker"]["embed_tokens"]["embedding"]
+        return np.asarray(jnp.take(table, jnp.asarray(tts_token_ids(self.config)), axis=0), np.float32)
+
+    def vocode(self, codes: np.ndarray, lengths: Sequence[int], *, chunk_size: int = CHUNK_SIZE,
+               left_context_size: int = LEFT_CONTEXT) -> list[np.ndarray]:
+        """codes [B, 16, T] -> one waveform per row: HF's `chunked_decode` of that row's first lengths[b] frames.
+
+        Code2Wav is causal, so one batched decode (frames past each row's length zeroed, as HF's batched
+        generate does) cut per row equals decoding each row alone. Batches of at most chunk_size frames are
+        zero-padded to a power-of-two frame bucket, so nearby lengths share one compiled decode; longer ones go
+        through `chunked_decode` (one compiled window), where each chunk of a row loses the decoder delay.
+        """
         codes = np.asarray(codes, np.int32)
-        b, _, t = codes.shape
-        wavs = []
-        if t == 0:
+        lengths = np.asarray(lengths, np.int64).reshape(-1)
+        b, q, _ = codes.shape
+        if lengths.shape[0] != b:
+            raise ValueError(f"got {lengths.shape[0]} lengths for {b} rows of codes")
+        n = int(lengths.max(initial=0))
+        if n == 0:
             return [np.zeros((0,), np.float32) for _ in range(b)]
-        for row in range(b):
-            n = int(lengths[row])
-            if n == 0:
-                wavs.append(np.zeros((0,), np.float32))
-                continue
-            wav = c2w.chunked_decode(self.params["code2wav"], jnp.asarray(codes[row : row + 1, :, :n]), self.config,
+        if n > codes.shape[-1]:
+            raise ValueError(f"length {n} exceeds the {codes.shape[-1]} frames given")
+        codes = np.where(np.arange(n)[None, None, :] < lengths[:, None, None], codes[:, :, :n], 0)
+        cfg = self.config.code2wav
+        if n <= chunk_size:
+            width = _frame_bucket(n, chunk_size)
+            padded = np.pad(codes, ((0, 0), (0, 0), (0, width - n)))
+            wav = c2w.code2wav(self.params["code2wav"], padded, cfg, dtype=self.dtype)
+            cuts = [c2w.wav_length(cfg, int(m)) if m else 0 for m in lengths]
+        else:
+            wav = c2w.chunked_decode(self.params["code2wav"], codes, cfg, chunk_size, left_context_size,
                                      dtype=self.dtype)
-            wavs.append(np.asarray(wav[0], np.float32))
-        return wavs
+            u, d = cfg.total_upsample, c2w.delay_samples(cfg)
+            cuts = [int(m) * u - d * math.ceil(int(m) / chunk_size) for m in lengths]
+        wav = np.asarray(wav, np.float32)
+        return [wav[r, : cuts[r]].copy() for r in range(b)]
+
+    def stream(
+        self,
+        prompt_or_request: Request | str | Sequence[int],
+        *,
+        speaker: str | None = None,
+        max_new_tokens: int = 256,
+        talker_max_new_tokens: int = 1024,
+        sampling: SamplingParams | None = None,
+        talker_sampling: TalkerSampling | None = None,
+        seed: int = 0,
+        chunk_frames: int = 4,
+        eos_ids: Sequence[int] | None = None,
+    ):
+        """Stream one request (batch 1): an iterator of `omni_jax.streaming.StreamEvent` (text deltas as tokens
+        arrive, audio chunks of `chunk_frames` codec frames while the thinker is still writing); same tokens,
+        frames and (up to float order) waveform as `generate`. A str/Request gets the chat template; a list of
+        ints is used as exact prompt ids. After exhaustion `.result` is the `Result`, `.stats` the schedule."""
+        from omni_jax.streaming import SpeechStream
+
+        return SpeechStream(self, prompt_or_request, speaker=speaker, max_new_tokens=max_new_tokens,
+                            talker_max_new_tokens=talker_max_new_tokens, sampling=sampling,
+                            talker_sampling=talker_sampling, seed=seed, chunk_frames=chunk_frames, eos_ids=eos_ids)

@@ -1,0 +1,180 @@
+"""OmniPipeline end to end against transformers' full `generate(..., return_audio=True)` at fp32.
+
+Small random HF checkpoints (two configs) are saved, converted with the real converter and loaded
+with `OmniPipeline.load`; greedy thinker + greedy talker must give the same text tokens and codec
+frames, and the same waveform up to float summation order. Our rows run as one batch; each must
+equal HF's single-sequence generate for that prompt and speaker.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from omni_jax import code2wav as c2w
+from omni_jax.convert import convert_checkpoint
+from omni_jax.pipeline import OmniPipeline
+from omni_jax.talker import TalkerSampling
+
+from tests import reference
+
+# The fixture thinkers have a 1024-token vocab, so the chat/tts special ids are remapped below it
+# (written into config.json, so the converted checkpoint carries them).
+SPECIAL = dict(im_start_token_id=1000, im_end_token_id=1001, system_token_id=1002, user_token_id=1003,
+               assistant_token_id=1004, tts_pad_token_id=1005, tts_bos_token_id=1006, tts_eos_token_id=1007)
+THINKER_EXTRA = dict(vision_start_token_id=151652, audio_start_token_id=151669)  # read by HF's rope index
+
+TALKER_VARIANT = {
+    "text_config": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, num_local_experts=6,
+                        num_experts_per_tok=3, norm_topk_prob=False, shared_expert_intermediate_size=32,
+                        num_hidden_layers=3, intermediate_size=96,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000, "mrope_section": [2, 1, 1],
+                                         "interleaved": True}),
+    "code_predictor_config": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_hidden_layers=3,
+                                  intermediate_size=96),
+}
+
+# name: (thinker text overrides, talker overrides, seed, rows (system_len, user_len), speakers,
+#        thinker / talker token budgets)
+CASES = {
+    "base": ({}, {}, 21, [(3, 5), (0, 2)], ["ethan", "Chelsie"], 6, 10),
+    "variant": (reference.VARIANTS["mha_hd8_sparse2"], TALKER_VARIANT, 22, [(2, 4)], ["CHELSIE"], 5, 7),
+}
+MAX_LEN = 64
+
+
+def _rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12))
+
+
+def _centered_rel_l2(a, b) -> float:
+    """Relative L2 with each waveform's mean removed: the random vocoders' output is mostly a DC offset
+    (std/mean ~ 0.07), which would make the plain ratio lenient."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return _rel_l2(a - a.mean(), b - b.mean())
+
+
+def _chat(rng, system_len: int, user_len: int) -> list[int]:
+    s = SPECIAL
+    text = lambda n: [int(t) for t in rng.integers(0, 999, n)]
+    out = []
+    if system_len:
+        out += [s["im_start_token_id"], s["system_token_id"]] + text(system_len) + [s["im_end_token_id"], 198]
+    out += [s["im_start_token_id"], s["user_token_id"]] + text(user_len) + [s["im_end_token_id"], 198]
+    return out + [s["im_start_token_id"], s["assistant_token_id"], 198]
+
+
+class Case:
+    def __init__(self, name: str, tmp_path_factory):
+        thinker_over, talker_over, seed, shapes, self.speakers, self.thinker_new, self.talker_new = CASES[name]
+        cfg = reference.hf_config_dict(reference.tiny_config_dict(**thinker_over))
+        for sub, over in talker_over.items():
+            cfg["talker_config"][sub].update(copy.deepcopy(over))
+        cfg.update(SPECIAL)
+        cfg["thinker_config"].update(THINKER_EXTRA)
+        self.hf = reference.build_hf_model(cfg, seed=seed)
+        hf_dir = reference.save_hf_model(self.hf, str(tmp_path_factory.mktemp(f"pipe_hf_{name}")))
+        ckpt = str(tmp_path_factory.mktemp(f"pipe_ckpt_{name}") / "ckpt")
+        convert_checkpoint(hf_dir, ckpt, dtype="float32", progress=False)
+        self.pipe = OmniPipeline.load(ckpt, dtype=jnp.float32, max_len=MAX_LEN)
+        rng = np.random.default_rng(seed)
+        self.prompts = [_chat(rng, *s) for s in shapes]
+
+    def hf_generate(self, prompt: list[int], speaker: str):
+        """HF single-sequence generate; returns (generated ids, codes [16, T] fed to code2wav, waveform)."""
+        hf, cap = self.hf, {}
+        orig = hf.code2wav.chunked_decode
+
+        def chunked_decode(codes, **kw):
+            cap["codes"] = codes.clone()
+            return orig(codes, **kw)
+
+        hf.code2wav.chunked_decode = chunked_decode
+        try:
+            seq, wav = hf.generate(
+                input_ids=torch.tensor([prompt]), speaker=speaker, return_audio=True, thinker_do_sample=False,
+                talker_do_sample=False, thinker_max_new_tokens=self.thinker_new,
+                talker_max_new_tokens=self.talker_new, thinker_eos_token_id=SPECIAL["im_end_token_id"])
+        finally:
+            del hf.code2wav.chunked_decode
+        return seq[0, len(prompt):].tolist(), cap["codes"][0].numpy(), wav.reshape(-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    return {name: Case(name, tmp_path_factory) for name in CASES}
+
+
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
+@pytest.mark.parametrize("name", list(CASES))
+def test_end_to_end_matches_hf(cases, name):
+    c = cases[name]
+    ours = c.pipe.generate_ids(c.prompts, c.speakers, max_new_tokens=c.thinker_new,
+                               talker_max_new_tokens=c.talker_new, talker_sampling=TalkerSampling.greedy(),
+                               eos_ids=[SPECIAL["im_end_token_id"]])
+    assert len(ours) == len(c.prompts)
+    for row, (prompt, speaker) in enumerate(zip(c.prompts, c.speakers)):
+        hf_tokens, hf_codes, hf_wav = c.hf_generate(prompt, speaker)
+        res = ours[row]
+        err, cerr = _rel_l2(res.wav, hf_wav), _centered_rel_l2(res.wav, hf_wav)
+        print(f"{name} row {row} ({speaker}): tokens {len(res.token_ids)} codes {res.codes.shape} "
+              f"wav {res.wav.shape} rel L2 {err:.2e} (centered {cerr:.2e})")
+        assert res.token_ids == hf_tokens
+        assert res.codes.shape == hf_codes.shape == (16, c.talker_new - 1)  # no codec EOS: budget - 1 frames
+        np.testing.assert_array_equal(res.codes, hf_codes)
+        assert res.wav.shape == hf_wav.shape == (c2w.wav_length(c.pipe.config, hf_codes.shape[1]),)
+        assert err <= 1e-4 and cerr <= 1e-4  # fp32 both sides; only summation order differs
+
+
+@pytest.mark.parametrize("lengths,chunk,context", [((11, 4), 300, 25), ((20, 13), 8, 3)])
+def test_vocode_rows_match_hf_single_decodes(cases, lengths, chunk, context):
+    """A batch of rows with distinct lengths (zero-padded bucket, or several chunks) cut per row equals HF's
+    chunked_decode of each row's own codes."""
+    c = cases["base"]
+    cfg = c.pipe.config.code2wav
+    rng = np.random.default_rng(9)
+    codes = rng.integers(0, cfg.codebook_size, (len(lengths), cfg.num_quantizers, max(lengths))).astype(np.int32)
+    wavs = c.pipe.vocode(codes, lengths, chunk_size=chunk, left_context_size=context)
+    for row, n in enumerate(lengths):
+        with torch.no_grad():
+            hf = c.hf.code2wav.chunked_decode(torch.tensor(codes[row:row + 1, :, :n], dtype=torch.long),
+                                              chunk_size=chunk, left_context_size=context).reshape(-1).numpy()
+        err, cerr = _rel_l2(wavs[row], hf), _centered_rel_l2(wavs[row], hf)
+        print(f"vocode lengths {lengths} chunk {chunk}: row {row} rel L2 {err:.2e} (centered {cerr:.2e})")
+        assert wavs[row].shape == hf.shape
+        assert err <= 1e-4 and cerr <= 1e-4  # fp32 both sides
+
+
+def test_unknown_speaker_lists_known(cases):
+    c = cases["base"]
+    with pytest.raises(ValueError, match="aiden, chelsie, ethan"):
+        c.pipe.generate_ids(c.prompts, "nobody", max_new_tokens=2, talker_max_new_tokens=2)
+    with pytest.raises(ValueError, match="2 speakers for 1 prompts"):
+        c.pipe.generate_ids(c.prompts[:1], ["ethan", "aiden"], max_new_tokens=2)
+
+
+def test_reply_too_short_to_voice(cases):
+    """A one-token reply cannot be voiced (HF's talker prompt needs two): text comes back, audio is empty."""
+    c = cases["base"]
+    res = c.pipe.generate_ids(c.prompts, c.speakers, max_new_tokens=1, talker_max_new_tokens=4,
+                              talker_sampling=TalkerSampling.greedy(), eos_ids=[SPECIAL["im_end_token_id"]])
+    for r in res:
+        assert len(r.token_ids) == 1 and r.finish_reason in ("length", "eos")
+        assert r.codes.shape == (16, 0) and r.wav.shape == (0,)
+
+
+def test_bf16_embedded_default():
+    pipe = OmniPipeline.load(None, dtype=jnp.bfloat16, max_len=MAX_LEN)
+    talker_new = 4
+    (res,) = pipe.generate(["你好,世界"], max_new_tokens=4, talker_max_new_tokens=talker_new)
+    frames = res.codes.shape[1]
+    assert res.codes.shape == (pipe.config.talker.num_code_groups, frames) and 1 <= frames <= talker_new - 1
+    assert c2w.wav_length(pipe.config, frames) == frames * 1920 - 555  # the tiny config's single chunk
+    assert res.wav.shape == (c2w.wav_length(pipe.config, frames),) and res.wav.dtype == np.float32
+    assert np.isfinite(res.wav).all() and np.abs(res.wav).max() <= 1.0
+    assert res.sample_rate == 24000 and len(res.token_ids) == 4
