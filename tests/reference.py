@@ -78,3 +78,23 @@ def read_safetensors(hf_dir: str):
             with safe_open(os.path.join(hf_dir, name), "np") as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
+
+
+# The fixture thinkers have a 1024-token vocab, so the chat/tts special ids are remapped below it
+# (written into config.json, so a converted checkpoint carries them).
+SPECIAL = dict(im_start_token_id=1000, im_end_token_id=1001, system_token_id=1002, user_token_id=1003,
+               assistant_token_id=1004, tts_pad_token_id=1005, tts_bos_token_id=1006, tts_eos_token_id=1007)
+# transformers' thinker rope index reads these; tiny.json leaves them out.
+THINKER_EXTRA = dict(vision_start_token_id=151652, audio_start_token_id=151669)
+
+# A talker unlike tiny.json's: more heads, 1-D-ish M-RoPE split, 6 experts top-3 without renormalisation,
+# a 3-layer code predictor with one KV head.
+TALKER_VARIANT = {
+    "text_config": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8, num_local_experts=6,
+                        num_experts_per_tok=3, norm_topk_prob=False, shared_expert_intermediate_size=32,
+                        num_hidden_layers=3, intermediate_size=96,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000, "mrope_section": [2, 1, 1],
+                                         "interleaved": True}),
+    "code_predictor_config": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_hidden_layers=3,
+                                  intermediate_size=96),
+}
