@@ -83,7 +83,7 @@ class OmniPipeline:
     def __init__(self, loaded: LoadedModel, *, max_len: int = 2048, buckets: Sequence[int] | None = None,
                  moe_impl: str = "auto", mesh: Any = None):
         """mesh: a jax.sharding.Mesh (omni_jax.mesh.make_mesh): thinker and talker run sharded (expert-parallel
-        MoE, rules table); Code2Wav runs replicated. None: one device."""
+        MoE, rules table; Code2Wav params too). None: one device."""
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.dtype = loaded.dtype

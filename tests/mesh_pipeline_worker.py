@@ -1,0 +1,104 @@
+"""Subprocess body for tests/test_mesh_pipeline.py: the whole OmniPipeline on one device and under meshes.
+
+  python -m tests.mesh_pipeline_worker CKPT PROMPTS_JSON OUT_DIR
+
+XLA_FLAGS (32 simulated CPU devices) must be set before jax loads, hence a separate process. Loads the
+converted checkpoint once per mesh (restored straight into its shardings), runs greedy speech
+generation for the same prompts, and records tokens, codes, waveforms and the thinker's prefill logits
+at every prompt position. Writes OUT_DIR/report.json (+ one .npz per run); the test compares them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from tests import sharding_worker
+
+DEVICES = 32
+MESHES = ("tp4ep8", "ep8", "tp2ep2")
+
+
+def _setup() -> None:
+    sharding_worker._setup(DEVICES)
+
+
+def _prefill_logits(pipe, prompts):
+    """Thinker logits [B, T, V] at every (right-padded) prompt position, computed with the pipeline's own
+    (possibly sharded) params and jitted under its mesh, like the engine's prefill."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from omni_jax import parallel
+    from omni_jax.thinker import init_cache, text_positions
+
+    b, t = len(prompts), max(len(p) for p in prompts)
+    tokens = np.zeros((b, t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    model, mesh, cfg = pipe.engine.model, pipe.mesh, pipe.config
+    if mesh is None:
+        cache = init_cache(cfg, b, t, pipe.dtype)
+    else:
+        cache = parallel.thinker_cache(cfg, b, t, pipe.dtype, mesh)
+
+    def run(params, tokens, cache):
+        start = jnp.zeros((tokens.shape[0],), jnp.int32)
+        return model.apply({"params": params}, tokens, text_positions(start, tokens.shape[1]), cache, start).logits
+
+    logits = np.asarray(parallel.sharded_jit(run, mesh)(pipe.engine.params, tokens, cache))
+    valid = np.arange(t)[None, :] < np.asarray([len(p) for p in prompts])[:, None]
+    return np.where(valid[..., None], logits, 0.0)
+
+
+def main(ckpt: str, prompts_json: str, out_dir: str) -> None:
+    _setup()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from omni_jax.mesh import make_mesh, mesh_spec_string
+    from omni_jax.pipeline import OmniPipeline
+    from omni_jax.talker import TalkerSampling
+
+    with open(prompts_json) as f:
+        job = json.load(f)
+    report = {"devices": jax.device_count(), "runs": {}}
+    for name in ("single",) + MESHES:
+        t0 = time.perf_counter()
+        if name == "single":
+            mesh = None
+        else:
+            n = math.prod(int(x) for x in re.findall(r"\d+", name))
+            mesh = make_mesh(name, devices=jax.devices()[:n])
+        pipe = OmniPipeline.load(ckpt, dtype=jnp.float32, max_len=job["max_len"], mesh=mesh)
+        res = pipe.generate_ids(job["prompts"], job["speakers"], max_new_tokens=job["thinker_new"],
+                                talker_max_new_tokens=job["talker_new"], talker_sampling=TalkerSampling.greedy(),
+                                eos_ids=job["eos_ids"])
+        logits = _prefill_logits(pipe, job["prompts"])
+        arrays = {"logits": logits}
+        for row, r in enumerate(res):
+            arrays[f"codes_{row}"] = np.asarray(r.codes)
+            arrays[f"wav_{row}"] = np.asarray(r.wav)
+        np.savez(os.path.join(out_dir, f"{name}.npz"), **arrays)
+        report["runs"][name] = {
+            "mesh": None if mesh is None else mesh_spec_string(mesh),
+            "mesh_devices": 1 if mesh is None else int(mesh.devices.size),
+            "tokens": [list(map(int, r.token_ids)) for r in res],
+            "seconds": time.perf_counter() - t0,
+        }
+        print(f"{name}: tokens {report['runs'][name]['tokens']} codes {[a.shape for k, a in arrays.items() if k.startswith('codes')]} "
+              f"in {report['runs'][name]['seconds']:.1f}s", flush=True)
+        del pipe
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        raise SystemExit("usage: python -m tests.mesh_pipeline_worker CKPT PROMPTS_JSON OUT_DIR")
+    main(*sys.argv[1:])
