@@ -57,6 +57,13 @@ def build_hf_model(cfg: dict, seed: int = 0):
     model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**cfg)).float().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
+        # transformers allocates the talker's expert weights with torch.empty and never initializes them
+        # (its _init_weights only covers the thinker's MoE): zero them so the draw below is deterministic
+        # instead of inheriting whatever the allocator returned (NaNs on some machines).
+        for module in model.modules():
+            if type(module).__name__ == "Qwen3OmniMoeTalkerTextExperts":
+                module.gate_up_proj.zero_()
+                module.down_proj.zero_()
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or ".norm." in name or "layernorm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
