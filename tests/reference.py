@@ -105,3 +105,14 @@ TALKER_VARIANT = {
     "code_predictor_config": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_hidden_layers=3,
                                   intermediate_size=96),
 }
+
+
+def chat_ids(rng, system_len: int, user_len: int) -> list[int]:
+    """A ChatML prompt in SPECIAL ids with random text tokens: [system turn], user turn, assistant header."""
+    s = SPECIAL
+    text = lambda n: [int(t) for t in rng.integers(0, 999, n)]
+    out = []
+    if system_len:
+        out += [s["im_start_token_id"], s["system_token_id"]] + text(system_len) + [s["im_end_token_id"], 198]
+    out += [s["im_start_token_id"], s["user_token_id"]] + text(user_len) + [s["im_end_token_id"], 198]
+    return out + [s["im_start_token_id"], s["assistant_token_id"], 198]

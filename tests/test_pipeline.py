@@ -45,14 +45,7 @@ def _centered_rel_l2(a, b) -> float:
     return _rel_l2(a - a.mean(), b - b.mean())
 
 
-def _chat(rng, system_len: int, user_len: int) -> list[int]:
-    s = SPECIAL
-    text = lambda n: [int(t) for t in rng.integers(0, 999, n)]
-    out = []
-    if system_len:
-        out += [s["im_start_token_id"], s["system_token_id"]] + text(system_len) + [s["im_end_token_id"], 198]
-    out += [s["im_start_token_id"], s["user_token_id"]] + text(user_len) + [s["im_end_token_id"], 198]
-    return out + [s["im_start_token_id"], s["assistant_token_id"], 198]
+_chat = reference.chat_ids
 
 
 class Case:

@@ -180,14 +180,7 @@ def _hf_generate(c, rows, speaker, thinker_new, talker_new, inject_eos=None):
     return ids.numpy(), mask.numpy(), cap
 
 
-def _chat(rng, system_len, user_len):
-    s = SPECIAL
-    text = lambda n: [int(t) for t in rng.integers(0, 999, n)]
-    out = []
-    if system_len:
-        out += [s["im_start_token_id"], s["system_token_id"]] + text(system_len) + [s["im_end_token_id"], 198]
-    out += [s["im_start_token_id"], s["user_token_id"]] + text(user_len) + [s["im_end_token_id"], 198]
-    return out + [s["im_start_token_id"], s["assistant_token_id"], 198]
+_chat = reference.chat_ids
 
 
 E2E = {
