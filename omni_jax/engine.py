@@ -6,6 +6,8 @@ Pure, jit-compiled functions do all device work:
   * `decode_step` — one compile per (batch, max_len): feeds each row's last token at its own cache
                     row, samples the next one. `decode_loop` runs it in a lax.while_loop until every
                     row is finished (also one compile per (batch, max_len); max_new_tokens is data).
+  * `prefill_chunk_step` — optional (ThinkerEngine(prefill_chunk=C)): a long prompt goes through the
+                    cache C tokens at a time (one compile per (batch, C)); `first_token` samples token 1.
 (Each also compiles once per static `SamplingParams` / `collect_hidden` setting.) They take and
 return a `DecodeState` (cache, last tokens, stop flags, rng, optional hidden-state buffers) and
 donate it, so the cache is updated in place. Rows finish independently (EOS or token
@@ -110,32 +112,116 @@ def prefill(
     valid = jnp.arange(t)[None, :] < lengths[:, None]
     vocab = out.logits.shape[-1]
     seen = seen_mask_from_ids(tokens, vocab, valid) if sampling.uses_history else jnp.zeros((b, 0), bool)
-    rng, key = jax.random.split(rng)
-    first = sample(out.logits[:, 0], key, sampling, seen if sampling.uses_history else None)
-    if sampling.uses_history:
-        seen = update_seen(seen, first)
-    end = start + lengths  # cache row of the first generated token
-    sequence = _write_rows(jnp.zeros((b, s), jnp.int32), start, tokens, valid)
-    sequence = sequence.at[jnp.arange(b), end].set(first, mode="drop")
     pos3 = positions if positions.ndim == 3 else positions[None]
     last_pos = jnp.max(jnp.where(valid[None], pos3, jnp.iinfo(jnp.int32).min), axis=(0, 2))
-    rope_deltas = (last_pos + 1 - end).astype(jnp.int32)
+    rope_deltas = (last_pos + 1 - (start + lengths)).astype(jnp.int32)
     h = out.embeds.shape[-1]
     if collect_hidden:
         emb = _write_rows(jnp.zeros((b, s, h), out.embeds.dtype), start, out.embeds, valid)
         acc = _write_rows(jnp.zeros((b, s, h), out.accept_hidden.dtype), start, out.accept_hidden, valid)
     else:
         emb = acc = jnp.zeros((b, 0, h), out.embeds.dtype)
+    sequence = _write_rows(jnp.zeros((b, s), jnp.int32), start, tokens, valid)
+    prompt = PromptState(out.cache, sequence, seen, emb, acc, rope_deltas)
+    return first_token(prompt, out.logits[:, 0], lengths, rng, max_new_tokens, eos_ids, sampling=sampling,
+                       collect_hidden=collect_hidden)
+
+
+@flax.struct.dataclass
+class PromptState:
+    """What prefill gathers over a prompt (whole, or chunk by chunk) before sampling token 1."""
+
+    cache: KVCache  # lengths: each row's first prompt row (advanced only by `first_token`)
+    sequence: jax.Array  # [B, S] int32 prompt ids at their cache rows
+    seen: jax.Array  # [B, V] bool prompt ids (repetition penalty), else [B, 0]
+    embeds: jax.Array  # [B, S, H] (collect_hidden), else [B, 0, H]
+    accept_hidden: jax.Array  # [B, S, H] (collect_hidden), else [B, 0, H]
+    rope_deltas: jax.Array  # [B] int32
+
+
+def first_token(
+    prompt: PromptState,
+    logits: jax.Array,
+    lengths: jax.Array,
+    rng: jax.Array,
+    max_new_tokens: jax.Array,
+    eos_ids: jax.Array,
+    *,
+    sampling: SamplingParams,
+    collect_hidden: bool = False,
+) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Sample token 1 from logits [B, V] at each row's last prompt position and arm the decode state.
+
+    Returns (state, first tokens [B], any row still pending [])."""
+    b = lengths.shape[0]
+    rng, key = jax.random.split(rng)
+    seen = prompt.seen
+    first = sample(logits, key, sampling, seen if sampling.uses_history else None)
+    if sampling.uses_history:
+        seen = update_seen(seen, first)
+    end = prompt.cache.lengths + lengths  # cache row of the first generated token
+    sequence = prompt.sequence.at[jnp.arange(b), end].set(first, mode="drop")
     max_new = jnp.asarray(max_new_tokens, jnp.int32)
     eos_ids = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
     done = _is_eos(first, eos_ids) | (max_new <= 1)
     pending = jnp.ones((b,), bool) if collect_hidden else ~done
     state = DecodeState(
-        cache=out.cache.replace(lengths=end), tokens=first, sequence=sequence,
+        cache=prompt.cache.replace(lengths=end), tokens=first, sequence=sequence,
         num_generated=jnp.ones((b,), jnp.int32), max_new_tokens=max_new, eos_ids=eos_ids, done=done, pending=pending,
-        seen=seen, rope_deltas=rope_deltas, rng=rng, embeds=emb, accept_hidden=acc,
+        seen=seen, rope_deltas=prompt.rope_deltas, rng=rng, embeds=prompt.embeds, accept_hidden=prompt.accept_hidden,
     )
     return state, first, jnp.any(pending)
+
+
+def empty_prompt(
+    cache: KVCache, *, vocab: int, hidden: int, dtype, sampling: SamplingParams, collect_hidden: bool = False
+) -> tuple[PromptState, jax.Array]:
+    """A `PromptState` with nothing written yet and zero logits [B, V], for `prefill_chunk_step` to fill."""
+    b, s = cache.batch, cache.max_len
+    hid = jnp.zeros((b, s if collect_hidden else 0, hidden), dtype)
+    seen = jnp.zeros((b, vocab if sampling.uses_history else 0), bool)
+    prompt = PromptState(cache, jnp.zeros((b, s), jnp.int32), seen, hid, hid, jnp.zeros((b,), jnp.int32))
+    return prompt, jnp.zeros((b, vocab), jnp.float32)
+
+
+def prefill_chunk_step(
+    params,
+    prompt: PromptState,
+    logits: jax.Array,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    offset: jax.Array,
+    *,
+    model: Thinker,
+) -> tuple[PromptState, jax.Array]:
+    """Run prompt columns [offset, offset + C) of every row (tokens [B, C], true lengths [B]) into the cache.
+
+    Why: attention scores over a whole long prompt ([B, heads, T, S] f32) dominate prefill memory;
+    chunks of C bound them at [B, heads, C, S]. The cache already attends causally over its whole
+    buffer, so a chunk is just the model at cache row `start + offset`; padding columns write K/V
+    past each row's length, which decode overwrites before reading (as with bucket padding). Each row
+    takes its logits [B, V] from the chunk holding its last prompt token, else keeps the ones passed in.
+    `offset` is data: one compile per (batch, C) whatever the prompt length. Plain text positions only;
+    embeds/seen are filled only where `prompt` has room for them (see `empty_prompt`).
+    """
+    c = tokens.shape[1]
+    start = prompt.cache.lengths + offset
+    last = lengths - 1 - offset  # each row's last prompt column, relative to this chunk
+    out = model.apply({"params": params}, tokens, text_positions(start, c), prompt.cache, start,
+                      logits_index=jnp.clip(last, 0, c - 1))
+    valid = jnp.arange(c)[None, :] <= last[:, None]
+    here = (last >= 0) & (last < c)
+    seen, emb, acc = prompt.seen, prompt.embeds, prompt.accept_hidden
+    if seen.shape[1]:
+        seen = seen | seen_mask_from_ids(tokens, seen.shape[1], valid)
+    if emb.shape[1]:
+        emb = _write_rows(emb, start, out.embeds, valid)
+        acc = _write_rows(acc, start, out.accept_hidden, valid)
+    prompt = prompt.replace(
+        cache=out.cache, sequence=_write_rows(prompt.sequence, start, tokens, valid), seen=seen, embeds=emb,
+        accept_hidden=acc,
+    )
+    return prompt, jnp.where(here[:, None], out.logits[:, 0], logits)
 
 
 def decode_step(
@@ -251,6 +337,9 @@ class ThinkerEngine:
 
     params: the thinker's parameter tree (root["thinker"]). Compiles lazily: prefill once per
     (batch, bucket, sampling, collect_hidden), decode once per (batch, sampling, collect_hidden).
+    prefill_chunk: when a batch's bucket exceeds it, the prompt (padded to a multiple of it) is
+    prefilled that many tokens at a time, which bounds attention-score memory on long prompts and
+    compiles one chunk step per batch whatever the length (see `prefill_chunk_step`). None: one pass.
     Not thread-safe: one generate() at a time per engine (it reuses the donated cache).
     """
 
@@ -267,6 +356,7 @@ class ThinkerEngine:
         moe_impl: str = "auto",
         loop: str = "device",
         mesh=None,
+        prefill_chunk: int | None = None,
     ):
         """mesh: a jax.sharding.Mesh (omni_jax.mesh.make_mesh) to run sharded: params are placed by the
         rules table (expert-parallel MoE), caches are created sharded, steps are jitted under the mesh."""
@@ -281,6 +371,7 @@ class ThinkerEngine:
         if self.buckets[-1] > self.max_len:
             raise ValueError(f"bucket {self.buckets[-1]} exceeds max_len={self.max_len}")
         self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.prefill_chunk = self._check_chunk(prefill_chunk)
         self.vocab_size = config.thinker.text.vocab_size
         self.pad_id = int(pad_id) if 0 <= pad_id < self.vocab_size else 0
         self.dtype = dtype
@@ -302,10 +393,23 @@ class ThinkerEngine:
         self.loop_fn = jit(
             functools.partial(decode_loop, **common), static_argnames=statics + ("stream",), donate_argnums=(1,)
         )
+        t = config.thinker.text
+        self.empty_prompt_fn = jit(
+            functools.partial(empty_prompt, vocab=t.vocab_size, hidden=t.hidden_size, dtype=dtype),
+            static_argnames=statics, donate_argnums=(0,),
+        )
+        self.chunk_fn = jit(functools.partial(prefill_chunk_step, **common), donate_argnums=(1, 2))
+        self.first_token_fn = jit(first_token, static_argnames=statics, donate_argnums=(0,))
         self._caches: dict[int, KVCache] = {}
         self._stream_target: Callable[[np.ndarray, np.ndarray], None] | None = None
 
     # -- helpers -----------------------------------------------------------------
+    @staticmethod
+    def _check_chunk(chunk: int | None) -> int | None:
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive int or None, got {chunk!r}")
+        return chunk
+
     def bucket_for(self, length: int) -> int:
         if length > self.max_len:
             raise ValueError(f"prompt of {length} tokens is longer than max_len={self.max_len}")
@@ -337,12 +441,15 @@ class ThinkerEngine:
         seed: int | jax.Array = 0,
         collect_hidden: bool = False,
         eos_ids: Sequence[int] | None = None,
+        prefill_chunk: int | None = None,
     ) -> Prefilled:
         """Validate, pad to a length bucket and run the compiled prefill (the first half of `generate`).
 
         Public so host-driven loops (omni_jax.streaming) can step `decode_fn` themselves; hand the final
-        state to `release` so the next call reuses its cache.
+        state to `release` so the next call reuses its cache. prefill_chunk: overrides the engine's
+        setting for this call (None: use the engine's).
         """
+        chunk = self.prefill_chunk if prefill_chunk is None else self._check_chunk(prefill_chunk)
         eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         sampling = SamplingParams.greedy() if sampling is None else sampling
         prompts = [[int(t) for t in p] for p in prompts]
@@ -364,10 +471,23 @@ class ThinkerEngine:
                 f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} does not fit max_len={self.max_len}"
             )
         batch = len(prompts)
-        tokens = np.full((batch, bucket), self.pad_id, np.int32)
+        chunked = chunk is not None and bucket > chunk
+        width = -(-longest // chunk) * chunk if chunked else bucket
+        tokens = np.full((batch, width), self.pad_id, np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
         rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+        if chunked:
+            lens = np.asarray(lengths, np.int32)
+            prompt, logits = self.empty_prompt_fn(self._cache(batch), sampling=sampling, collect_hidden=collect_hidden)
+            for off in range(0, width, chunk):
+                prompt, logits = self.chunk_fn(self.params, prompt, logits, tokens[:, off : off + chunk], lens,
+                                               np.int32(off))
+            state, first, any_pending = self.first_token_fn(
+                prompt, logits, lens, rng, np.asarray(max_new_tokens, np.int32), np.asarray(eos, np.int32).reshape(-1),
+                sampling=sampling, collect_hidden=collect_hidden,
+            )
+            return Prefilled(state, first, any_pending, prompts, eos, sampling)
         state, first, any_pending = self.prefill_fn(
             # numpy inputs go straight to the compiled call (jnp.asarray would compile a staging op per shape)
             self.params, self._cache(batch), tokens, np.asarray(lengths, np.int32), rng,
@@ -390,14 +510,15 @@ class ThinkerEngine:
         collect_hidden: bool = False,
         loop: str | None = None,
         eos_ids: Sequence[int] | None = None,
+        prefill_chunk: int | None = None,
     ) -> GenerationResult:
         """Generate for a batch of token-id prompts (no template applied); rows stop on EOS or max_new_tokens.
 
         callback(row, token) is called for every new token, in order per row. seed: int or a jax PRNG key.
-        eos_ids: overrides the engine's stop ids for this call.
+        eos_ids / prefill_chunk: override the engine's stop ids / prefill chunk size for this call.
         """
         loop = self.loop if loop is None else loop
-        pre = self.start(prompts, max_new_tokens, sampling, seed, collect_hidden, eos_ids)
+        pre = self.start(prompts, max_new_tokens, sampling, seed, collect_hidden, eos_ids, prefill_chunk)
         state, first, any_pending, prompts, eos, sampling = pre
         batch = len(prompts)
 

@@ -2,6 +2,7 @@
 bounded compilation, input validation, and the command-line launcher."""
 
 import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -52,6 +53,23 @@ def _hf_greedy(hf_model, prompts, n, **kwargs):
                                eos_token_id=None, pad_token_id=0, **kwargs)
     assert out.shape[1] == width + n
     return out[:, width:].tolist()
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    """Counter of (stage, function name) for jax.monitoring trace and lowering events: they fire whether or
+    not the persistent compilation cache then supplies the executable, so cache hits still count."""
+    events = collections.Counter()
+
+    def listener(event, duration, **kw):
+        if event in ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration"):
+            events[(event.rsplit("/", 1)[-1], kw.get("fun_name", "").removeprefix("jit(").removesuffix(")"))] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")
@@ -155,32 +173,21 @@ def test_rows_stop_independently_on_eos_and_budget(base, hf_reference):
 
 @pytest.mark.parametrize("loop,decode_fn", [("python", "decode_step"), ("device", "decode_loop")])
 def test_compiles_once_per_bucket_plus_one_decode(base, loop, decode_fn):
-    """10 prompt lengths x several budgets: prefill traces/lowers once per bucket touched, decode once.
-
-    Counted from jax.monitoring trace and lowering events per function: they fire whether or not the
-    persistent compilation cache then supplies the executable, so cache hits still count."""
+    """10 prompt lengths x several budgets: prefill traces/lowers once per bucket touched, decode once
+    (counted per function from jax.monitoring events, see `_count_compiles`)."""
     _, warm, config = base
     engine = ThinkerEngine(config, warm.params, max_len=64, buckets=(4, 8, 16, 32, 64), loop=loop)  # fresh jits
-    events = collections.Counter()
-
-    def listener(event, duration, **kw):
-        if event in ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration"):
-            events[(event.rsplit("/", 1)[-1], kw.get("fun_name", "").removeprefix("jit(").removesuffix(")"))] += 1
-
     lengths = [1, 2, 3, 5, 7, 8, 11, 16, 20, 29]
     budgets = [1, 4, 9, 2, 13]
     touched = {engine.bucket_for(n) for n in lengths}
     assert touched == {4, 8, 16, 32}  # 64 is never needed
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with _count_compiles() as events:
         after_first = None
         for i, n in enumerate(lengths):
             prompt = [int(t) for t in np.random.default_rng(100 + i).integers(0, 1000, n)]
             engine.generate([prompt], budgets[i % len(budgets)])
             if after_first is None:
                 after_first = collections.Counter(events)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     for stage in ("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration"):
         assert events[(stage, "prefill")] == len(touched)
         assert events[(stage, decode_fn)] == 1
@@ -189,6 +196,44 @@ def test_compiles_once_per_bucket_plus_one_decode(base, loop, decode_fn):
     # Nothing else compiles per call: other functions (cache allocation, PRNG key) only in the first call.
     other = {k: v for k, v in events.items() if k[1] not in ("prefill", decode_fn)}
     assert other == {k: v for k, v in after_first.items() if k[1] not in ("prefill", decode_fn)}
+
+
+CHUNK_PROMPTS = [[int(t) for t in np.random.default_rng(50 + i).integers(0, 1000, n)] for i, n in enumerate((3, 9, 13))]
+
+
+@pytest.mark.parametrize("loop", ["python", "device"])
+def test_chunked_prefill_matches_unchunked(base, loop):
+    """prefill_chunk=4 on lengths 3/9/13 (bucket 16: 4 chunks; each row's last token in a different
+    chunk) gives the unchunked engine's tokens and hidden states."""
+    _, engine, _ = base
+    ref = engine.generate(CHUNK_PROMPTS, 12, collect_hidden=True, loop=loop)
+    compiled = engine.chunk_fn._cache_size()
+    got = engine.generate(CHUNK_PROMPTS, 12, collect_hidden=True, loop=loop, prefill_chunk=4)
+    assert engine.chunk_fn._cache_size() == max(compiled, 1)  # the chunked path really ran
+    assert got.tokens == ref.tokens and got.sequences == ref.sequences
+    assert np.max(np.abs(got.embeds - ref.embeds)) == 0.0  # an embedding lookup: exact
+    # fp32; chunks change only the matmul shapes (summation order): 1e-5 absolute on O(1) activations.
+    assert np.max(np.abs(got.accept_hidden - ref.accept_hidden)) <= 1e-5
+    penalty = SamplingParams.greedy(repetition_penalty=1.3)  # the seen mask must span every chunk
+    assert (engine.generate(CHUNK_PROMPTS, 12, penalty, loop=loop, prefill_chunk=4).tokens
+            == engine.generate(CHUNK_PROMPTS, 12, penalty, loop=loop).tokens)
+
+
+def test_chunked_prefill_compiles_once_per_chunk_size(base):
+    """Prompt lengths 5..29 (buckets 8/16/32, 2..8 chunks) share one chunk compile; a prompt whose bucket
+    fits in one chunk takes the unchunked prefill."""
+    _, warm, config = base
+    engine = ThinkerEngine(config, warm.params, max_len=64, buckets=(4, 8, 16, 32), prefill_chunk=4)  # fresh jits
+    with _count_compiles() as events:
+        for i, n in enumerate([5, 7, 9, 13, 20, 29, 3]):
+            prompt = [int(t) for t in np.random.default_rng(200 + i).integers(0, 1000, n)]
+            engine.generate([prompt], 3)
+    for stage in ("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration"):
+        for fn in ("prefill_chunk_step", "empty_prompt", "first_token", "prefill"):
+            assert events[(stage, fn)] == 1, (stage, fn)
+    assert engine.chunk_fn._cache_size() == engine.prefill_fn._cache_size() == 1
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive int"):
+        ThinkerEngine(config, warm.params, max_len=64, prefill_chunk=0)
 
 
 def test_prefill_accepts_explicit_positions_and_embeds(base):
