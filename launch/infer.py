@@ -51,6 +51,7 @@ flags.DEFINE_float("talker_repetition_penalty", 1.05, "Talker repetition penalty
 flags.DEFINE_integer("seed", 0, "PRNG seed for sampling (interactive turn n uses seed + n - 1).")
 flags.DEFINE_string("dtype", None, "float32 | bfloat16 (default: float32 on CPU, bfloat16 otherwise).")
 flags.DEFINE_integer("max_len", 1024, "KV-cache length: prompt + max_new_tokens must fit.")
+flags.DEFINE_integer("prefill_chunk", None, "Prefill long prompts in chunks of this many tokens (bounds prefill memory).")
 flags.DEFINE_string("dump_dir", None, "If set, write tokens.json (+ codes.npy and audio.wav with speech) there.")
 flags.DEFINE_string("mesh", None, "Shard over a device mesh, e.g. tp4ep8, ep8, dp2tp4, auto (default: one device).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
@@ -130,7 +131,8 @@ def _run():
     if not FLAGS.text_only:
         config.talker.speaker(FLAGS.speaker)  # unknown speaker -> ValueError listing the known ones
     mesh = make_mesh(FLAGS.mesh, num_experts=config.thinker.text.num_experts) if FLAGS.mesh else None
-    pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=parse_dtype(FLAGS.dtype), max_len=FLAGS.max_len, mesh=mesh)
+    pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=parse_dtype(FLAGS.dtype), max_len=FLAGS.max_len, mesh=mesh,
+                             prefill_chunk=FLAGS.prefill_chunk)
     if FLAGS.stream:
         return _stream(pipe, samplings, multi)
     primary = is_primary()  # every process computes; only process 0 prints and writes

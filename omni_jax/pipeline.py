@@ -81,7 +81,7 @@ class OmniPipeline:
     """Loads params once; `generate` answers a batch of requests with text (+ speech)."""
 
     def __init__(self, loaded: LoadedModel, *, max_len: int = 2048, buckets: Sequence[int] | None = None,
-                 moe_impl: str = "auto", mesh: Any = None):
+                 moe_impl: str = "auto", mesh: Any = None, prefill_chunk: int | None = None):
         """mesh: a jax.sharding.Mesh (omni_jax.mesh.make_mesh): thinker and talker run sharded (expert-parallel
         MoE, rules table; Code2Wav params too). None: one device."""
         self.config = loaded.config
@@ -92,7 +92,7 @@ class OmniPipeline:
         self.engine = ThinkerEngine(
             self.config, loaded.params["thinker"], max_len=max_len, buckets=buckets,
             eos_ids=self.tokenizer.eos_token_ids, pad_id=self.tokenizer.pad_token_id, dtype=self.dtype,
-            moe_impl=moe_impl, mesh=mesh,
+            moe_impl=moe_impl, mesh=mesh, prefill_chunk=prefill_chunk,
         )
         params = dict(loaded.params, thinker=self.engine.params)  # the engine's (possibly re-placed) copy
         self.has_speech = "talker" in params and "code2wav" in params
@@ -109,11 +109,12 @@ class OmniPipeline:
 
     @classmethod
     def load(cls, checkpoint: str | None = None, *, dtype: Any = None, config: Any = None, max_len: int = 2048,
-             buckets: Sequence[int] | None = None, moe_impl: str = "auto", mesh: Any = None) -> "OmniPipeline":
+             buckets: Sequence[int] | None = None, moe_impl: str = "auto", mesh: Any = None,
+             prefill_chunk: int | None = None) -> "OmniPipeline":
         """`checkpoint`: an Orbax dir written by launch/convert.py; None = the tiny default with random weights.
         With a mesh, params are restored straight into their shardings."""
         return cls(load_model(checkpoint, dtype, config, mesh=mesh), max_len=max_len, buckets=buckets,
-                   moe_impl=moe_impl, mesh=mesh)
+                   moe_impl=moe_impl, mesh=mesh, prefill_chunk=prefill_chunk)
 
     @property
     def random_weights(self) -> bool:
