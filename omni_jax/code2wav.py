@@ -43,7 +43,7 @@ import numpy as np
 from omni_jax.attention import dot_attention
 from omni_jax.config import Code2WavConfig, OmniConfig
 from omni_jax.convert import Rule, bias_to_heads, heads_to_linear, identity, linear, linear_to_heads
-from omni_jax.mlp import GatedMLP
+from omni_jax.mlp import GatedMLP, logical_dense
 from omni_jax.norm import RMSNorm
 from omni_jax.rope import apply_rope, rope_cos_sin
 from omni_jax.sharding import constrain
@@ -163,11 +163,7 @@ class ConvNeXtBlock(nn.Module):
         )(h)
 
         def dense(features, axes, name):
-            return nn.Dense(
-                features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                kernel_init=nn.with_logical_partitioning(_INIT, axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
-            )
+            return logical_dense(features, axes, name, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
 
         h = dense(4 * dim, ("embed", "mlp"), "pwconv1")(h)
         h = jax.nn.gelu(h, approximate=False)  # torch nn.GELU() default: exact erf

@@ -1,8 +1,8 @@
 """Load config + parameters + tokenizer for inference, shared by the launchers and later pipeline objects.
 
 Without a checkpoint the embedded default is the tiny config (configs/tiny.json) with deterministic
-random thinker weights (`thinker.init_params`, PRNGKey(0)): useful for smoke tests, never for
-meaningful text. With a checkpoint the weights come from `omni_jax.checkpoint.load_params`.
+random weights for every component (`random_params`, numpy seed 0): useful for smoke tests, never for
+meaningful text or speech. With a checkpoint the weights come from `omni_jax.checkpoint.load_params`.
 """
 
 from __future__ import annotations

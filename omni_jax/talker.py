@@ -34,6 +34,7 @@ from omni_jax.config import OmniConfig
 from omni_jax.convert import Rule, decoder_rules, identity, linear
 from omni_jax.decoder import DecoderStack
 from omni_jax.kv_cache import KVCache
+from omni_jax.mlp import logical_dense
 from omni_jax.norm import RMSNorm
 from omni_jax.sampling import SamplingParams, sample
 from omni_jax.sharding import constrain
@@ -58,11 +59,7 @@ class ResizeMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         def dense(features, axes, name):
-            return nn.Dense(
-                features, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(_INIT, axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name,
-            )
+            return logical_dense(features, axes, name, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
 
         h = dense(self.intermediate_size, ("embed", "mlp"), "linear_fc1")(x.astype(self.dtype))
         return dense(self.out_size, ("mlp", "embed"), "linear_fc2")(nn.silu(h))
