@@ -196,25 +196,6 @@ def abstract_thinker_args(
     return prefill, decode
 
 
-def greedy_generate(
-    steps: ThinkerSteps, params: Any, cache: KVCache, prompt: jax.Array, lengths: jax.Array, num_new: int
-) -> tuple[jax.Array, jax.Array]:
-    """Text-only greedy decoding (tests / smoke runs): (tokens [B, num_new], logits [B, num_new, V] that chose them)."""
-    b, t = prompt.shape
-    start = cache.lengths
-    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    logits, cache = steps.prefill(params, prompt, jnp.broadcast_to(pos[None], (3, b, t)), cache, lengths)
-    toks, all_logits = [], []
-    for i in range(num_new):
-        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        toks.append(tok)
-        all_logits.append(logits)
-        if i + 1 < num_new:
-            pos = jnp.broadcast_to(cache.lengths[None, :, None], (3, b, 1))
-            logits, cache = steps.decode(params, tok[:, None], pos, cache)
-    return jnp.stack(toks, axis=1), jnp.stack(all_logits, axis=1)
-
-
 # ----------------------------------------------------------------------------- talker
 
 

@@ -27,7 +27,7 @@ from omni_jax import code2wav as c2w
 from omni_jax.engine import GenerationResult, ThinkerEngine
 from omni_jax.loading import LoadedModel, load_model
 from omni_jax.sampling import SamplingParams
-from omni_jax.talker import TalkerGenerator, TalkerSampling, tts_token_ids
+from omni_jax.talker import TalkerGenerator, TalkerSampling, pow2_bucket, tts_token_ids
 
 #: HF `Code2Wav.chunked_decode` settings used by `generate(..., return_audio=True)`.
 CHUNK_SIZE = 300
@@ -74,7 +74,7 @@ class Result:
 
 def _frame_bucket(n: int, cap: int, smallest: int = 16) -> int:
     """Power of two >= n (at least `smallest`), capped at `cap`: the padded frame count of a short decode."""
-    return min(cap, max(smallest, 1 << max(0, n - 1).bit_length()))
+    return min(cap, pow2_bucket(n, smallest))
 
 
 class OmniPipeline:

@@ -296,7 +296,8 @@ def _assistant_start(ids: np.ndarray, config: OmniConfig, row: int) -> int:
     return int(hits[-1])
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
+def pow2_bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= n (at least `minimum`): padded lengths that share one compiled shape."""
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
@@ -385,7 +386,7 @@ def build_talker_inputs(
 
     e, h, mm = np.concatenate(flat_e), np.concatenate(flat_h), np.concatenate(flat_mm)
     n = e.shape[0]
-    pad = _bucket(n, 64) - n
+    pad = pow2_bucket(n, 64) - n
     if project_fn is None:
         project_fn = _project_fn(config, jnp.dtype(dtype))
     proj = project_fn(
@@ -616,7 +617,7 @@ class TalkerGenerator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         b, t, _ = inputs.embeds.shape
         lengths = np.asarray(inputs.lengths, np.int32)
-        tb = _bucket(t)
+        tb = pow2_bucket(t)
         embeds = jnp.pad(inputs.embeds.astype(self.dtype), ((0, 0), (0, tb - t), (0, 0)))
         if positions is None:
             positions = text_positions(b, tb)
@@ -632,10 +633,10 @@ class TalkerGenerator:
         ttr = inputs.trailing.shape[1]
         trailing = jnp.concatenate(
             [inputs.trailing.astype(self.dtype),
-             jnp.broadcast_to(inputs.tts_pad.astype(self.dtype), (b, _bucket(ttr) - ttr, inputs.tts_pad.shape[-1]))],
+             jnp.broadcast_to(inputs.tts_pad.astype(self.dtype), (b, pow2_bucket(ttr) - ttr, inputs.tts_pad.shape[-1]))],
             axis=1,
         )
-        cache = init_cache(self.config, b, tb + _bucket(max_new_tokens), self.dtype)
+        cache = init_cache(self.config, b, tb + pow2_bucket(max_new_tokens), self.dtype)
         rng = jax.random.PRNGKey(0) if rng is None else rng
         state = self.prefill(params, embeds, jnp.asarray(lengths), positions, rope_delta, cache,
                              jnp.asarray(penalty_from, jnp.int32), rng, sampling=sampling)

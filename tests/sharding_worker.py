@@ -51,6 +51,25 @@ def _mesh(spec):
     return make_mesh(spec, devices=jax.devices()[:n])
 
 
+def _greedy_generate(steps, params, cache, prompt, lengths, num_new: int):
+    """Text-only greedy decoding over parallel.make_thinker_steps: (tokens [B, num_new], logits that chose them)."""
+    import jax.numpy as jnp
+
+    b, t = prompt.shape
+    start = cache.lengths
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    logits, cache = steps.prefill(params, prompt, jnp.broadcast_to(pos[None], (3, b, t)), cache, lengths)
+    toks, all_logits = [], []
+    for i in range(num_new):
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        toks.append(tok)
+        all_logits.append(logits)
+        if i + 1 < num_new:
+            pos = jnp.broadcast_to(cache.lengths[None, :, None], (3, b, 1))
+            logits, cache = steps.decode(params, tok[:, None], pos, cache)
+    return jnp.stack(toks, axis=1), jnp.stack(all_logits, axis=1)
+
+
 def _run_thinker(config, params, prompt, lengths, mesh):
     import numpy as np
 
@@ -62,7 +81,7 @@ def _run_thinker(config, params, prompt, lengths, mesh):
     if mesh is not None:
         params = sharding.place(params, steps.layout.params)
         cache = sharding.place(cache, steps.layout.cache)
-    toks, logits = parallel.greedy_generate(steps, params, cache, prompt, lengths, NEW)
+    toks, logits = _greedy_generate(steps, params, cache, prompt, lengths, NEW)
     return steps, params, np.asarray(toks), np.asarray(logits)
 
 
@@ -176,7 +195,7 @@ def multiprocess(out_dir: str, pid: int, nproc: int, port: int, spec: str) -> No
     cache = sharding.place(init_cache(config, B, L), steps.layout.cache)
     prompt = sharding.place(prompt, steps.layout.tokens)
     lengths = sharding.place(lengths, steps.layout.rows)
-    toks, _ = parallel.greedy_generate(steps, params, cache, prompt, lengths, NEW)
+    toks, _ = _greedy_generate(steps, params, cache, prompt, lengths, NEW)
     toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))
     if is_primary():
         with open(os.path.join(out_dir, "multiprocess.json"), "w") as f:
