@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from omni_jax import convert
+from omni_jax.errors import OmniError
 
 Path = tuple[str, ...]
 LAYOUT_FILE = "omni_jax_checkpoint.json"
@@ -42,7 +43,7 @@ PARAMS_DIR = "params"
 FORMAT = "omni_jax.checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OmniError, ValueError):
     """A checkpoint dir does not hold what the model needs."""
 
 

@@ -11,9 +11,10 @@ import dataclasses
 import json
 import os
 from typing import Any, Mapping
+from omni_jax.errors import OmniError
 
 
-class ConfigError(ValueError):
+class ConfigError(OmniError, ValueError):
     """A config.json is missing a key or holds an inconsistent value."""
 
 

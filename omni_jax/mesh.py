@@ -18,13 +18,14 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from omni_jax.sharding import DATA, EXPERT, TENSOR
+from omni_jax.errors import UsageError
 
 MESH_AXES: tuple[str, ...] = (DATA, EXPERT, TENSOR)
 _PREFIX = {"dp": DATA, "ep": EXPERT, "tp": TENSOR}
 _TOKEN = re.compile(r"(dp|tp|ep)(\d+)")
 
 
-class MeshSpecError(ValueError):
+class MeshSpecError(UsageError):
     """A mesh spec string is malformed or does not fit the available devices."""
 
 

@@ -17,6 +17,7 @@ from typing import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+from omni_jax.errors import OmniError
 
 DTYPES: Mapping[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -34,7 +35,7 @@ INDEX_NAME = "model.safetensors.index.json"
 _MAX_HEADER = 200 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(OmniError, ValueError):
     """A safetensors file or index is malformed or inconsistent."""
 
 
