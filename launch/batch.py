@@ -26,6 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from omni_jax import cli  # noqa: E402  (jax-free: bad flags fail before jax loads)
+from omni_jax.errors import OmniError, UsageError  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "prompts.jsonl: one JSON object per line.")
 flags.DEFINE_string("output_dir", None, "Where <id>.wav and results.jsonl go.")
@@ -253,17 +256,24 @@ def _make_mesh(config):
     if not FLAGS.mesh:
         return None
     try:
-        return mesh_lib.make_mesh(FLAGS.mesh, num_experts=config.thinker.text.num_experts)
+        return mesh_lib.make_mesh(FLAGS.mesh, config=config)
     except mesh_lib.MeshSpecError as e:
-        raise app.UsageError(f"--mesh: {e}") from None
+        raise UsageError(f"--mesh: {e}") from None
 
 
 def _load_pipeline(config, mesh):
-    from omni_jax.loading import parse_dtype
     from omni_jax.pipeline import OmniPipeline
 
-    return OmniPipeline.load(FLAGS.checkpoint, dtype=parse_dtype(FLAGS.dtype), config=config, max_len=FLAGS.max_len,
-                             mesh=mesh)
+    return OmniPipeline.load(FLAGS.checkpoint, dtype=_dtype(), config=config, max_len=FLAGS.max_len, mesh=mesh)
+
+
+def _dtype():
+    from omni_jax.loading import parse_dtype
+
+    try:
+        return parse_dtype(FLAGS.dtype)
+    except ValueError as e:
+        raise UsageError(f"--dtype: {e}") from None
 
 
 def _bad(msg: str) -> None:
@@ -279,6 +289,7 @@ def main(argv):
         raise app.UsageError("--input and --output_dir are required")
     if not os.path.isfile(FLAGS.input):
         raise app.UsageError(f"--input {FLAGS.input!r} is not a file")
+    cli.check_output_dir(FLAGS.output_dir, "--output_dir")  # before any work; creates nothing
     from omni_jax import mesh as mesh_lib
 
     mesh_lib.maybe_initialize_distributed()
@@ -291,16 +302,24 @@ def main(argv):
     if not FLAGS.text_only and FLAGS.speaker.lower() not in speakers:
         raise app.UsageError(f"--speaker {FLAGS.speaker!r} is unknown; known: {', '.join(speakers)}")
     mesh = _make_mesh(config)
+    _dtype()
     tokenizer = load_tokenizer(FLAGS.checkpoint)
 
     # Validate every line before loading weights: bad lines cost nothing and --strict stops here.
     items, bad = [], []
     seen: set[str] = set()
-    with open(FLAGS.input, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+    with open(FLAGS.input, "rb") as f:
+        offset = 0
+        for n, raw_bytes in enumerate(f, 1):
+            line_offset, offset = offset, offset + len(raw_bytes)
             try:
+                try:
+                    raw = raw_bytes.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadLine(f"line {n}: invalid UTF-8 (byte 0x{raw_bytes[e.start]:02x} at byte offset "
+                                  f"{line_offset + e.start} of {FLAGS.input}); re-save the file as UTF-8") from None
+                if not raw.strip():
+                    continue
                 items.append(parse_line(n, raw, seen, speakers, FLAGS.text_only, tokenizer, FLAGS.max_len))
             except BadLine as e:
                 bad.append(str(e))
@@ -341,7 +360,10 @@ def main(argv):
                                     seed=FLAGS.seed + bi)
         except Exception as e:  # noqa: BLE001 - one failing batch must not end the job
             failures += len(batch)
-            logging.exception("batch of ids %s failed: %s", [it.id for it in batch], e)
+            if isinstance(e, OmniError):  # a known failure (e.g. NaN from bad weights): its message says it all
+                logging.error("batch of ids %s failed: %s", [it.id for it in batch], e)
+            else:
+                logging.exception("batch of ids %s failed: %s", [it.id for it in batch], e)
             print(f"failed: ids {[it.id for it in batch]}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             if FLAGS.strict:
                 print("stopping: --strict", file=sys.stderr, flush=True)
@@ -377,4 +399,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["input", "output_dir"])
-    app.run(main)
+    cli.run(main)

@@ -31,6 +31,8 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from omni_jax import cli  # noqa: E402  (exit codes: 2 usage, 1 runtime; "error: ..." on stderr)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("layers", ["2", "4"], "Thinker depths to compare.")
 flags.DEFINE_integer("talker_layers", 1, "Talker depth of the synthetic checkpoints.")
@@ -160,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -5,8 +5,10 @@
 
 Streams one decoder layer at a time (torch is not needed), so the 66 GB checkpoint converts on a
 machine with ~24 GB of RAM. Audio/vision tower tensors are skipped (logged). The result is written
-to <out_dir>.partial and moved into place only when complete. Load it with
-omni_jax.checkpoint.load_params(out_dir).
+to <out_dir>.partial and moved into place only when complete (an existing checkpoint is replaced,
+with --overwrite, by one atomic directory swap), so a killed run never leaves a loadable partial
+output; rerunning it discards the stale .partial dir. Load it with omni_jax.checkpoint.load_params(out_dir).
+Exit codes: 0 done, 2 bad flags / missing input dir / output exists, 1 a broken or mismatched checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+from omni_jax import cli  # noqa: E402  (jax-free; exit codes: 2 usage, 1 bad checkpoint, "error: ..." on stderr)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "HF checkpoint dir: config.json + model.safetensors or sharded with an index.", required=True)
@@ -39,14 +43,11 @@ def main(argv):
 
     logging.get_absl_handler().addFilter(_quiet_orbax)
     t0 = time.time()
-    try:
-        out = convert_checkpoint(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.dtype, overwrite=FLAGS.overwrite,
-                                 progress=FLAGS.progress)
-    except FileExistsError as e:
-        raise app.UsageError(str(e)) from e
+    out = convert_checkpoint(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.dtype, overwrite=FLAGS.overwrite,
+                             progress=FLAGS.progress)
     logging.info("converted %s -> %s in %.1f s", FLAGS.hf_dir, out, time.time() - t0)
     print(out)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,7 +22,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from omni_jax import cli  # noqa: E402  (jax-free: bad flags fail before jax loads)
+from omni_jax.errors import UsageError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Checkpoint dir (omni_jax.checkpoint format); default: tiny random model.")
@@ -63,78 +66,149 @@ flags.DEFINE_bool("stream", False, "Stream: print text as it comes and write aud
 flags.DEFINE_integer("stream_chunk", 4, "Codec frames (80 ms each) per streamed audio chunk, 4..25.")
 
 
-def _prompt_ids(tokenizer) -> list[int]:
-    given = [f for f in ("prompt", "prompt_file", "input_ids") if getattr(FLAGS, f) is not None]
-    if len(given) != 1:
-        raise app.UsageError(f"give exactly one of --prompt, --prompt_file, --input_ids (got {given or 'none'})")
+def _prompt_given() -> list[str]:
+    return [f for f in ("prompt", "prompt_file", "input_ids") if getattr(FLAGS, f) is not None]
+
+
+def _check_flags() -> None:
+    """Flag checks that need neither jax nor the model: they fail in well under a second."""
+    given = _prompt_given()
+    if FLAGS.interactive:
+        if given:
+            raise UsageError(f"--interactive reads the prompts from stdin; drop --{', --'.join(given)}")
+    elif len(given) != 1:
+        raise UsageError(f"give exactly one of --prompt, --prompt_file, --input_ids (got {given or 'none'})")
+    if FLAGS.stream:
+        bad = [f for f in ("interactive", "text_only", "dump_dir") if getattr(FLAGS, f)]
+        if bad:
+            raise UsageError(f"--stream runs one prompt with speech in one process; drop --{', --'.join(bad)}")
+        if not 4 <= FLAGS.stream_chunk <= 25:
+            raise UsageError(f"--stream_chunk must be in [4, 25] codec frames, got {FLAGS.stream_chunk}")
+    if FLAGS.max_len < 2:
+        raise UsageError(f"--max_len must be >= 2, got {FLAGS.max_len}")
+    if FLAGS.prefill_chunk is not None and FLAGS.prefill_chunk < 1:
+        raise UsageError(f"--prefill_chunk must be >= 1, got {FLAGS.prefill_chunk}")
+    if FLAGS.checkpoint and not os.path.isdir(FLAGS.checkpoint):
+        raise UsageError(f"--checkpoint={FLAGS.checkpoint!r} is not a directory")
+    # Output locations are checked now, not after minutes of generation; nothing is created here.
+    if FLAGS.output and FLAGS.output != "-" and not FLAGS.text_only:
+        if FLAGS.interactive:
+            cli.check_output_dir(os.path.dirname(os.path.abspath(FLAGS.output)), "--output")
+        else:
+            cli.check_output_file(FLAGS.output, "--output")
+    if FLAGS.dump_dir:
+        cli.check_output_dir(FLAGS.dump_dir, "--dump_dir")
+
+
+def _prompt_text() -> str | None:
+    """The user message of --prompt / --prompt_file (None for --input_ids or --interactive)."""
+    if FLAGS.prompt_file is not None:
+        text, where = cli.read_text_file(FLAGS.prompt_file, "--prompt_file"), f"--prompt_file={FLAGS.prompt_file!r}"
+    elif FLAGS.prompt is not None:
+        text, where = FLAGS.prompt, "--prompt"
+    else:
+        return None
+    if not text.strip():
+        raise UsageError(f"{where} is empty; give the text to answer")
+    return text
+
+
+def _prompt_ids(tokenizer, text: str | None, vocab_size: int) -> list[int]:
     if FLAGS.input_ids is not None:
         try:
-            return [int(t) for t in FLAGS.input_ids.split(",") if t.strip()]
+            ids = [int(t) for t in FLAGS.input_ids.split(",") if t.strip()]
         except ValueError as e:
-            raise app.UsageError(f"--input_ids must be comma-separated integers: {e}") from e
-    if FLAGS.prompt_file is not None:
-        with open(FLAGS.prompt_file, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = FLAGS.prompt
+            raise UsageError(f"--input_ids must be comma-separated integers: {e}") from None
+        if not ids:
+            raise UsageError("--input_ids is empty; give at least one token id")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise UsageError(f"--input_ids has ids outside [0, {vocab_size}): {bad[:5]}")
+        return ids
     return tokenizer.apply_chat_template(_system_messages() + [{"role": "user", "content": text}],
                                          add_generation_prompt=True)
+
+
+def _check_fits(n_prompt: int) -> None:
+    need = n_prompt + FLAGS.max_new_tokens
+    if need > FLAGS.max_len:
+        raise UsageError(f"the prompt is {n_prompt} tokens and --max_new_tokens={FLAGS.max_new_tokens}, together "
+                         f"{need} tokens, longer than --max_len={FLAGS.max_len}; raise --max_len to at least {need}, "
+                         "lower --max_new_tokens or shorten the prompt")
 
 
 def _system_messages() -> list[dict]:
     return [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
 
 
+def _flag_error(e: UsageError, prefix: str) -> UsageError:
+    """Re-word a SamplingParams/TalkerSampling range error in terms of the flag that set the value."""
+    if getattr(e, "field", None) is None:
+        return e
+    return UsageError(f"--{prefix}{e.field}={e.value!r}: {e.rule}")
+
+
 def _samplings():
+    """Sampling settings from the flags; every value is range-checked, even where greedy ignores it."""
     from omni_jax.sampling import SamplingParams
     from omni_jax.talker import TalkerSampling
 
+    try:
+        text = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.repetition_penalty)
+    except UsageError as e:
+        raise _flag_error(e, "") from None
     if FLAGS.greedy or FLAGS.temperature == 0.0:
         text = SamplingParams.greedy(repetition_penalty=FLAGS.repetition_penalty)
-    else:
-        text = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.repetition_penalty)
-    if FLAGS.talker_greedy or FLAGS.talker_temperature == 0.0:
+    if FLAGS.talker_temperature < 0:
+        raise UsageError(f"--talker_temperature={FLAGS.talker_temperature!r}: must be >= 0 (0 = greedy)")
+    greedy = FLAGS.talker_greedy or FLAGS.talker_temperature == 0.0
+    try:
+        talker = TalkerSampling(do_sample=not greedy, temperature=FLAGS.talker_temperature if not greedy else 0.9,
+                                top_k=FLAGS.talker_top_k, top_p=FLAGS.talker_top_p,
+                                repetition_penalty=FLAGS.talker_repetition_penalty)
+    except UsageError as e:
+        raise _flag_error(e, "talker_") from None
+    if greedy:
         talker = TalkerSampling.greedy(repetition_penalty=FLAGS.talker_repetition_penalty)
-    else:
-        talker = TalkerSampling(temperature=FLAGS.talker_temperature, top_k=FLAGS.talker_top_k,
-                                top_p=FLAGS.talker_top_p, repetition_penalty=FLAGS.talker_repetition_penalty)
     return text, talker
 
 
 def main(argv):
     del argv
-    try:
-        _run()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    _run()
 
 
 def _run():
+    _check_flags()  # before jax is imported
+    text = _prompt_text()
+
     from omni_jax.config import load_config
     from omni_jax.loading import DEFAULT_CONFIG, parse_dtype
     from omni_jax.mesh import is_primary, make_mesh, maybe_initialize_distributed
     from omni_jax.pipeline import OmniPipeline
+    from omni_jax.tokenizer import load_tokenizer
 
-    if FLAGS.interactive:
-        given = [f for f in ("prompt", "prompt_file", "input_ids") if getattr(FLAGS, f) is not None]
-        if given:
-            raise app.UsageError(f"--interactive reads the prompts from stdin; drop --{', --'.join(given)}")
     multi = maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if multi and FLAGS.interactive:
-        raise app.UsageError("--interactive runs in a single process (only one process can own stdin)")
-    # Bad flags (sampling, speaker, mesh) fail before the weights load.
+    if multi and (FLAGS.interactive or FLAGS.stream):
+        raise UsageError(f"--{'interactive' if FLAGS.interactive else 'stream'} runs in a single process")
+    # Everything the flags and the config can tell is checked before the weights load.
     samplings = _samplings()
-    if FLAGS.checkpoint and not os.path.isdir(FLAGS.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {FLAGS.checkpoint!r} is not a directory")
+    try:
+        dtype = parse_dtype(FLAGS.dtype)
+    except ValueError as e:
+        raise UsageError(f"--dtype: {e}") from None
     config = load_config(FLAGS.checkpoint or DEFAULT_CONFIG)
     if not FLAGS.text_only:
-        config.talker.speaker(FLAGS.speaker)  # unknown speaker -> ValueError listing the known ones
-    mesh = make_mesh(FLAGS.mesh, num_experts=config.thinker.text.num_experts) if FLAGS.mesh else None
-    pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=parse_dtype(FLAGS.dtype), max_len=FLAGS.max_len, mesh=mesh,
+        config.talker.speaker(FLAGS.speaker)  # unknown speaker -> UsageError listing the known ones
+    mesh = make_mesh(FLAGS.mesh, config=config) if FLAGS.mesh else None
+    prompt = None
+    if not FLAGS.interactive:
+        prompt = _prompt_ids(load_tokenizer(FLAGS.checkpoint), text, config.thinker.text.vocab_size)
+        _check_fits(len(prompt))
+    pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=dtype, max_len=FLAGS.max_len, mesh=mesh,
                              prefill_chunk=FLAGS.prefill_chunk)
     if FLAGS.stream:
-        return _stream(pipe, samplings, multi)
+        return _stream(pipe, samplings, prompt)
     primary = is_primary()  # every process computes; only process 0 prints and writes
     say = print if primary else (lambda *a, **k: None)
     if pipe.random_weights:
@@ -143,7 +217,6 @@ def _run():
     if FLAGS.interactive:
         _chat(pipe, samplings, say, primary)
         return
-    prompt = _prompt_ids(pipe.tokenizer)
     res = _answer(pipe, prompt, samplings, FLAGS.seed)
     if primary:
         _report(pipe, res, FLAGS.output or None, FLAGS.dump_dir)
@@ -227,20 +300,16 @@ def _chat(pipe, samplings, say, primary: bool) -> None:
             _report(pipe, res, wav, dump, label=f"turn {turn}: ", extra={"messages": messages})
 
 
-def _stream(pipe, samplings, multi: bool) -> None:
+def _stream(pipe, samplings, prompt: list[int]) -> None:
     """--stream: text deltas and progressive audio via omni_jax.streaming (latencies printed at the end)."""
     from omni_jax.streaming import stream_to_outputs
 
-    bad = [f for f in ("interactive", "text_only", "dump_dir") if getattr(FLAGS, f)]
-    if bad or multi:
-        drop = ", --".join(bad or ["num_processes"])
-        raise app.UsageError(f"--stream runs one prompt with speech in one process; drop --{drop}")
     log = sys.stderr if FLAGS.output == "-" else sys.stdout  # stdout may carry the raw audio
     if pipe.random_weights:
         print(f"NOTE: no --checkpoint given, so the weights are RANDOM ({pipe.loaded.source}); "
               "the generated text and speech are meaningless.", file=log, flush=True)
     text, talker = samplings
-    stream = pipe.stream(_prompt_ids(pipe.tokenizer), speaker=FLAGS.speaker, max_new_tokens=FLAGS.max_new_tokens,
+    stream = pipe.stream(prompt, speaker=FLAGS.speaker, max_new_tokens=FLAGS.max_new_tokens,
                          talker_max_new_tokens=FLAGS.talker_max_new_tokens, sampling=text, talker_sampling=talker,
                          seed=FLAGS.seed, chunk_frames=FLAGS.stream_chunk)
     stream_to_outputs(stream, FLAGS.output or None, pipe.sample_rate, text_out=log)
@@ -249,4 +318,4 @@ def _stream(pipe, samplings, multi: bool) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

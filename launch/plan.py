@@ -29,6 +29,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from omni_jax import cli  # noqa: E402  (jax-free: XLA_FLAGS is still set before jax loads)
+from omni_jax.errors import UsageError  # noqa: E402
 
 # Facts of the released checkpoint (from its tensor manifest), for comparison with what we build.
 FULL_CHECKPOINT_PARAMS = 35_259_818_545
@@ -39,10 +43,10 @@ def _device_count(spec: str, devices: int | None) -> int:
     if devices:
         return devices
     if spec.strip().lower() == "auto":
-        raise SystemExit("--mesh=auto needs --devices=N (how many devices to simulate)")
+        raise UsageError("--mesh=auto needs --devices=N (how many devices to simulate)")
     sizes = [int(n) for n in re.findall(r"(?:dp|tp|ep)(\d+)", spec.lower())]
     if not sizes:
-        raise SystemExit(f"cannot parse --mesh={spec!r}; expected e.g. tp4ep8, ep8, dp2tp4, tp1, auto")
+        raise UsageError(f"cannot parse --mesh={spec!r}; expected e.g. tp4ep8, ep8, dp2tp4, tp1, auto")
     return math.prod(sizes)
 
 
@@ -72,7 +76,6 @@ def main(argv=None) -> dict:
     n = _device_count(args.mesh, args.devices)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, ROOT)
 
     import json
 
@@ -246,4 +249,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.guard(main)

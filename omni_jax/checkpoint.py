@@ -22,10 +22,13 @@ dynamic_update_slice, so peak memory is the final params plus one layer.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import json
 import os
 import shutil
+import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -35,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from omni_jax import convert
-from omni_jax.errors import OmniError
+from omni_jax.errors import CheckpointError, CheckpointNotFoundError, UsageError
 
 Path = tuple[str, ...]
 LAYOUT_FILE = "omni_jax_checkpoint.json"
@@ -43,12 +46,18 @@ PARAMS_DIR = "params"
 FORMAT = "omni_jax.checkpoint/1"
 
 
-class CheckpointError(OmniError, ValueError):
-    """A checkpoint dir does not hold what the model needs."""
+# CheckpointError and CheckpointNotFoundError live in omni_jax.errors; `checkpoint.CheckpointError` stays valid.
 
 
 class IncompleteCheckpointError(CheckpointError):
     """The dir lacks the completion marker or an item: not a checkpoint, or its writing did not finish."""
+
+
+class OutputExistsError(UsageError, FileExistsError):
+    """The output dir already holds something and --overwrite was not given (or cannot apply): exit 2."""
+
+
+_RECONVERT = "convert it again (launch/convert.py --hf_dir=<HF checkpoint> --out_dir={dir} --overwrite)"
 
 
 # ---- trees ----
@@ -111,33 +120,114 @@ def partial_dir(out_dir: str) -> str:
     return os.path.normpath(out_dir) + ".partial"
 
 
+_OWNER = ".omni_jax_writer"  # "<host> <pid>" of the process writing a .partial dir
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def claim_partial_dir(out_dir: str) -> str:
+    """Create a fresh `<out_dir>.partial` owned by this process and return it.
+
+    A .partial dir left by a run that died (SIGKILL, power loss) is discarded; one that a live process
+    on this host is still writing is refused, so two conversions into the same out_dir cannot clobber
+    each other.
+    """
+    import socket
+
+    tmp = partial_dir(out_dir)
+    if os.path.exists(tmp):
+        try:
+            with open(os.path.join(tmp, _OWNER)) as f:
+                host, pid = f.read().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            host, pid = None, -1
+        if host == socket.gethostname() and pid != os.getpid() and _alive(pid):
+            raise UsageError(f"{tmp} is being written by another running conversion (pid {pid}); wait for it to "
+                             "finish or stop it, then run this again")
+        logging.warning("removing %s left by an interrupted conversion", tmp)
+        _remove_dir(tmp)
+    os.makedirs(os.path.join(tmp, PARAMS_DIR))
+    with open(os.path.join(tmp, _OWNER), "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    return tmp
+
+
 def check_out_dir(out_dir: str, overwrite: bool) -> None:
     """Refuse to write over a non-empty dir unless `overwrite`; even then only over an omni_jax checkpoint."""
     if not os.path.exists(out_dir):
         return
     if not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
+        raise OutputExistsError(f"{out_dir} exists and is not a directory; choose another --out_dir")
     if not os.listdir(out_dir):
         return
+    is_ckpt = os.path.exists(os.path.join(out_dir, LAYOUT_FILE))
     if not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
-    if not os.path.exists(os.path.join(out_dir, LAYOUT_FILE)):
-        raise FileExistsError(
+        what = "holds an omni_jax checkpoint" if is_ckpt else "is not empty"
+        raise OutputExistsError(f"{out_dir} {what}; pass overwrite=True (--overwrite) to replace it (the old one stays "
+                                "in place until the new one is complete), or choose another --out_dir")
+    if not is_ckpt:
+        raise OutputExistsError(
             f"{out_dir} is not empty and is not an omni_jax checkpoint (no {LAYOUT_FILE}); refusing to delete it even "
             "with overwrite — remove it yourself"
         )
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel / file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _remove_dir(path: str) -> None:
+    """Delete a checkpoint dir marker first, so a kill during the delete never leaves a loadable remnant."""
+    try:
+        os.remove(os.path.join(path, LAYOUT_FILE))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path)
+
+
 def finalize_dir(tmp: str, out_dir: str) -> None:
-    """Move the finished `tmp` into place (replacing an existing out_dir already cleared by check_out_dir)."""
+    """Move the finished `tmp` into place, replacing an existing out_dir (already cleared by check_out_dir).
+
+    The replacement is one atomic directory exchange where the OS has it (Linux), so whenever the
+    process dies, out_dir is either the complete old checkpoint or the complete new one; elsewhere
+    two renames leave a window of one rename in which out_dir is absent (the old one is then at
+    `<out_dir>.old-<pid>`).
+    """
     out_dir = os.path.normpath(out_dir)
-    if os.path.exists(out_dir):
+    try:
+        os.remove(os.path.join(tmp, _OWNER))
+    except FileNotFoundError:
+        pass
+    if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+    elif _exchange(tmp, out_dir):
+        _remove_dir(tmp)  # now holds the old checkpoint
+    else:
         old = f"{out_dir}.old-{os.getpid()}"
         os.rename(out_dir, old)
         os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
+        _remove_dir(old)
 
 
 class ItemWriter:
@@ -170,23 +260,42 @@ def write_layout(directory: str, leaves: Mapping[Path, Mapping[str, Any]], meta:
 
 
 def read_layout(directory: str) -> dict:
-    """The layout document; IncompleteCheckpointError if the marker or an item dir is missing."""
+    """The layout document; IncompleteCheckpointError if the marker or an item dir is missing,
+    CheckpointNotFoundError (a usage error) if `directory` does not exist."""
     path = os.path.join(directory, LAYOUT_FILE)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint dir {directory} does not exist")
+        hint = ""
+        if os.path.isdir(partial_dir(directory)):
+            hint = (f"; {partial_dir(directory)} exists: a conversion into it was interrupted — run the conversion "
+                    "again (it discards the .partial dir)")
+        raise CheckpointNotFoundError(f"checkpoint dir {directory} does not exist{hint}")
     if not os.path.exists(path):
-        hint = " (an interrupted conversion leaves a '.partial' dir without it)" if directory.rstrip("/").endswith(".partial") else ""
+        if os.path.normpath(directory).endswith(".partial"):
+            fix = ("an interrupted conversion leaves such a '.partial' dir: run the conversion again (it discards "
+                   "the .partial dir)")
+        else:
+            fix = "if it is a conversion output, delete it and convert again"
         raise IncompleteCheckpointError(
-            f"{directory} has no {LAYOUT_FILE}: not an omni_jax checkpoint, or its writing did not finish{hint}"
+            f"{directory} has no {LAYOUT_FILE}: not an omni_jax checkpoint, or its writing did not finish; {fix}"
         )
-    with open(path) as f:
-        doc = json.load(f)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        if doc.get("format") == FORMAT:
+            items, leaves = list(doc["items"]), dict(doc["leaves"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is corrupt ({e}); {_RECONVERT.format(dir=directory)}") from e
     if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}")
-    for item in doc["items"]:
+        raise CheckpointError(f"{path}: format {doc.get('format')!r}, expected {FORMAT!r}; "
+                              f"{_RECONVERT.format(dir=directory)}")
+    for item in items:
         if not os.path.isdir(os.path.join(directory, PARAMS_DIR, item)):
-            raise IncompleteCheckpointError(f"{directory}: item {PARAMS_DIR}/{item} listed in {LAYOUT_FILE} is missing")
-    doc["leaves"] = {tuple(k.split("/")): v for k, v in doc["leaves"].items()}
+            raise IncompleteCheckpointError(f"{directory}: item {PARAMS_DIR}/{item} listed in {LAYOUT_FILE} is missing "
+                                            f"(files were deleted or the copy is incomplete); "
+                                            f"{_RECONVERT.format(dir=directory)}")
+    doc["leaves"] = {tuple(k.split("/")): v for k, v in leaves.items()}
     return doc
 
 
@@ -201,10 +310,7 @@ def save_params(params: Mapping[str, Any], out_dir: str, config=None, *, overwri
     """
     params = nn.unbox(params)
     check_out_dir(out_dir, overwrite)
-    tmp = partial_dir(out_dir)
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(os.path.join(tmp, PARAMS_DIR))
+    tmp = claim_partial_dir(out_dir)
     try:
         writer = ItemWriter()
         leaves: dict[Path, dict] = {}
@@ -272,7 +378,99 @@ def _check_against_layout(directory: str, layout: Mapping[Path, Mapping], target
     bad = [f"{_pstr(p)}: checkpoint {tuple(layout[p]['shape'])} != model {tuple(s.shape)}"
            for p, s in target.items() if tuple(layout[p]["shape"]) != tuple(s.shape)]
     if bad:
-        raise CheckpointError(f"{directory}: param shapes do not match the config:\n" + "\n".join(bad[:20]))
+        more = f"\n... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise CheckpointError(
+            f"{directory}: the checkpoint was written for a different config — {len(bad)} param shape(s) do not match "
+            "the config it is loaded with:\n" + "\n".join(bad[:20]) + more + "\nLoad it with the config it was "
+            "converted with (its own config.json), or pass the config that matches the weights."
+        )
+
+
+def _stored_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
+    """Shape of what one item holds for a leaf: the whole leaf, or one leading-axis slice of it."""
+    return tuple(spec["shape"][1:] if "slices" in spec else spec["shape"])
+
+
+def _check_items(directory: str, layout: Mapping[Path, Mapping], stored_in: Mapping[str, Sequence[Path]],
+                 items: Iterable[str], ckptr) -> None:
+    """Compare every item's Orbax metadata (a few small files) with the layout before anything is allocated.
+
+    Orbax restores what is on disk whatever shape the target asks for, so a corrupt item, or one
+    copied from another conversion, would otherwise surface as a wrong-shaped param much later.
+    """
+    bad: list[str] = []
+    for item in sorted(items):
+        where = os.path.join(directory, PARAMS_DIR, item)
+        try:
+            meta = ckptr.metadata(os.path.abspath(where))
+            stored = flatten(getattr(meta, "item_metadata", meta))
+        except Exception as e:  # noqa: BLE001 - any Orbax/tensorstore failure here means unreadable files
+            raise CheckpointError(f"{where} cannot be read ({type(e).__name__}: {_first_line(e)}): the checkpoint is "
+                                  f"corrupt or partially copied; {_RECONVERT.format(dir=directory)}") from e
+        extra = sorted(set(stored) - set(stored_in[item]))
+        bad += [f"{PARAMS_DIR}/{item}: holds param {_pstr(p)}, which {LAYOUT_FILE} does not list there" for p in extra]
+        for p in stored_in[item]:
+            spec = layout[p]
+            want_shape, want_dtype = _stored_shape(spec), spec.get("dtype")
+            got = stored.get(p)
+            if got is None:
+                bad.append(f"{PARAMS_DIR}/{item}: param {_pstr(p)} is missing")
+                continue
+            got_shape, got_dtype = tuple(got.shape), jnp.dtype(got.dtype).name if got.dtype is not None else None
+            if got_shape != want_shape or (want_dtype and got_dtype and got_dtype != jnp.dtype(want_dtype).name):
+                bad.append(f"{PARAMS_DIR}/{item}: param {_pstr(p)} is stored as {got_shape} {got_dtype}, "
+                           f"{LAYOUT_FILE} says {want_shape} {want_dtype}")
+    if bad:
+        more = f"\n... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise CheckpointError(f"{directory}: the stored params do not match its {LAYOUT_FILE} (corrupt, or items "
+                              "from different conversions mixed):\n" + "\n".join(bad[:20]) + more +
+                              f"\n{_RECONVERT.format(dir=directory)}")
+
+
+class _HeldStderr:
+    """Holds back what Python writes to sys.stderr during one Orbax restore; replayed unless drain() was called.
+
+    Orbax gives up on an item at its first unreadable array while the item's other reads are still in
+    flight; as each finishes, TensorStore hands it to an event loop Orbax has already closed, which
+    prints a 'RuntimeError: Event loop is closed' traceback, and the abandoned coroutines print
+    'Exception ignored' when collected. drain() lets those reads finish and collects the coroutines,
+    then drops the held text, so a corrupt checkpoint reads as one clear error, not pages of tracebacks.
+    """
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self._buf = io.StringIO()
+        self._redirect = contextlib.redirect_stderr(self._buf)
+        self._redirect.__enter__()
+        self._keep = True
+        return self
+
+    def drain(self, path: str, seconds: float = 0.5) -> None:
+        import gc
+        import logging as std_logging
+        import time
+
+        # Abandoned tasks collected later (even at exit) report through the 'asyncio' logger; drop just
+        # the reports about this item's files.
+        std_logging.getLogger("asyncio").addFilter(lambda record: path not in record.getMessage())
+        time.sleep(seconds)
+        gc.collect()
+        self._keep = False
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+        if self._keep and self._buf.getvalue():
+            sys.stderr.write(self._buf.getvalue())
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    """The gist of an Orbax / TensorStore error (whose full text dumps the whole TensorStore spec)."""
+    text = str(e).strip().splitlines()
+    line = text[0].split(" See full TensorStore details")[0] if text else ""
+    return line[:240]
 
 
 def load_params(
@@ -297,7 +495,8 @@ def load_params(
     layout = doc["leaves"]
     if config is None:
         if not os.path.exists(os.path.join(checkpoint_dir, "config.json")):
-            raise CheckpointError(f"{checkpoint_dir} has no config.json; pass config=")
+            raise CheckpointError(f"{checkpoint_dir} has no config.json; pass the config the checkpoint was converted "
+                                  "with (config=)")
         config = load_config(checkpoint_dir)
     roots = default_roots(config) if roots is None else tuple(roots)
     target = flatten(abstract_params(config, dtype, roots))
@@ -329,6 +528,7 @@ def load_params(
     out: dict[Path, jax.Array] = {}
     ckptr = ocp.StandardCheckpointer()
     try:
+        _check_items(checkpoint_dir, layout, stored_in, wanted, ckptr)
         for item in sorted(wanted):
             restore_target = {}
             for p in stored_in[item]:
@@ -340,8 +540,20 @@ def load_params(
                 else:  # stored but not part of this model: read to satisfy Orbax, then dropped
                     logging.warning("%s: ignoring checkpoint param %s not in the model", checkpoint_dir, _pstr(p))
                     restore_target[p] = jax.ShapeDtypeStruct(shape, jnp.dtype(spec.get("dtype", "float32")))
-            restored = flatten(ckptr.restore(os.path.abspath(os.path.join(checkpoint_dir, PARAMS_DIR, item)),
-                                             unflatten(restore_target)))
+            where = os.path.join(checkpoint_dir, PARAMS_DIR, item)
+            failure = None
+            with _HeldStderr() as held:
+                try:
+                    restored = flatten(ckptr.restore(os.path.abspath(where), unflatten(restore_target)))
+                except Exception as e:  # noqa: BLE001 - tensorstore raises plain Exceptions for unreadable data
+                    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+                        raise
+                    failure = CheckpointError(f"{where} cannot be read ({type(e).__name__}: {_first_line(e)}): its "
+                                              f"files are corrupt or truncated; {_RECONVERT.format(dir=checkpoint_dir)}")
+                if failure is not None:  # outside the except block: the Orbax error and its frames are dropped
+                    held.drain(os.path.abspath(where))
+            if failure is not None:
+                raise failure
             split = sorted((tp, p, index) for p, (tp, index) in wanted[item].items() if index is not None)
             for p, (tp, index) in wanted[item].items():
                 if index is None:

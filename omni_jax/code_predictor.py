@@ -33,10 +33,11 @@ class CodePredictor(nn.Module):
     num_code_groups: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    unroll_layers: bool = False
 
     def setup(self):
         cfg, n = self.cfg, self.num_code_groups - 1
-        self.layers = DecoderStack(cfg, (), self.dtype, self.param_dtype)
+        self.layers = DecoderStack(cfg, (), self.dtype, self.param_dtype, unroll=self.unroll_layers)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
         self.codec_embedding = self.param(
             "codec_embedding", nn.with_logical_partitioning(_INIT, ("codebooks", "vocab", "embed")),
@@ -54,8 +55,7 @@ class CodePredictor(nn.Module):
 
     def embed(self, codes: jax.Array, group: jax.Array | int) -> jax.Array:
         """Embedding of residual group `group+1`'s codes (table index `group`, 0-based)."""
-        table = jax.lax.dynamic_index_in_dim(self.codec_embedding, group, 0, keepdims=False)
-        return jnp.take(table, codes, axis=0).astype(self.dtype)
+        return self.codec_embedding[group, codes].astype(self.dtype)  # one gather: rows only, not the table
 
     def logits(self, h: jax.Array, group: jax.Array | int) -> jax.Array:
         """float32 logits of residual group `group+1` (head index `group`) from h [..., H]."""
@@ -84,12 +84,15 @@ def predict_frame(
     rng: jax.Array,
     sample: SampleFn,
     dtype=jnp.float32,
-) -> tuple[jax.Array, jax.Array]:
+    with_finite: bool = False,
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
     """Residual codes of one frame and the sum of their embeddings.
 
     apply(method_name, *args) runs a CodePredictor method with bound params. hidden [B,H] is the
     talker's last (normed) hidden state; code0_embed [B,H] the talker codec embedding of the
-    group-0 code. Returns (codes [B, G-1] int32 for groups 1..G-1, fp32 sum of their embeddings [B,H]).
+    group-0 code. Returns (codes [B, G-1] int32 for groups 1..G-1, fp32 sum of their embeddings [B,H]);
+    with_finite, also finite [B] bool: every logit of the row was finite (the numerical guard; costs one
+    isfinite reduction per group, no host sync).
     """
     b = hidden.shape[0]
     n = num_code_groups - 1
@@ -98,19 +101,24 @@ def predict_frame(
     x = jnp.stack([hidden.astype(dtype), code0_embed.astype(dtype)], axis=1)
     pos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32)[None], (b, 2))
     h, cache_k, cache_v = apply("forward", x, pos, cache_k, cache_v, jnp.zeros((b,), jnp.int32))
-    first = sample(apply("logits", h[:, -1], 0), keys[0])
+    logits = apply("logits", h[:, -1], 0)
+    first = sample(logits, keys[0])
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
     emb_sum = apply("embed", first, 0).astype(jnp.float32)  # accumulate in fp32 like torch's sum
 
     def body(carry, xs):
-        cache_k, cache_v, code, emb_sum = carry
+        cache_k, cache_v, code, emb_sum, finite = carry
         group, key = xs  # input is code of residual `group` (table group-1); predicts residual group+1
         x = apply("embed", code, group - 1)[:, None]
         start = jnp.full((b,), group + 1, jnp.int32)
         h, cache_k, cache_v = apply("forward", x, start[:, None], cache_k, cache_v, start)
-        nxt = sample(apply("logits", h[:, 0], group), key)
-        return (cache_k, cache_v, nxt, emb_sum + apply("embed", nxt, group).astype(jnp.float32)), nxt
+        logits = apply("logits", h[:, 0], group)
+        nxt = sample(logits, key)
+        finite = finite & jnp.all(jnp.isfinite(logits), axis=-1)
+        return (cache_k, cache_v, nxt, emb_sum + apply("embed", nxt, group).astype(jnp.float32), finite), nxt
 
     groups = jnp.arange(1, n, dtype=jnp.int32)
-    (_, _, _, emb_sum), rest = jax.lax.scan(body, (cache_k, cache_v, first, emb_sum), (groups, keys[1:]))
+    (_, _, _, emb_sum, finite), rest = jax.lax.scan(body, (cache_k, cache_v, first, emb_sum, finite),
+                                                     (groups, keys[1:]))
     codes = jnp.concatenate([first[:, None], jnp.transpose(rest)], axis=1)
-    return codes, emb_sum
+    return (codes, emb_sum, finite) if with_finite else (codes, emb_sum)

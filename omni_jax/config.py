@@ -11,11 +11,15 @@ import dataclasses
 import json
 import os
 from typing import Any, Mapping
-from omni_jax.errors import OmniError
+from omni_jax.errors import OmniError, UsageError
 
 
 class ConfigError(OmniError, ValueError):
     """A config.json is missing a key or holds an inconsistent value."""
+
+
+class ConfigNotFoundError(UsageError, ConfigError, FileNotFoundError):
+    """No config at the given path / name (a usage error, exit 2)."""
 
 
 def _get(tree: Mapping[str, Any], key: str, path: str, default: Any = dataclasses.MISSING) -> Any:
@@ -176,7 +180,7 @@ class TalkerConfig:
         table = {k.lower(): v for k, v in self.speaker_id}
         key = name.lower()
         if key not in table:
-            raise ValueError(f"unknown speaker {name!r}; this checkpoint knows: {', '.join(sorted(table))}")
+            raise UsageError(f"unknown speaker {name!r}; this checkpoint knows: {', '.join(sorted(table))}")
         return table[key]
 
 
@@ -349,7 +353,9 @@ def load_config(path_or_name: str) -> OmniConfig:
         shipped = resources.files("omni_jax") / "configs" / f"{path_or_name}.json"
         path = str(shipped) if shipped.is_file() else os.path.join(CONFIG_DIR, f"{path_or_name}.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no config at {path_or_name!r} (looked for {path})")
+        shipped = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json")) if os.path.isdir(CONFIG_DIR) else []
+        raise ConfigNotFoundError(f"no config at {path_or_name!r} (looked for {path}); give a config.json, a checkpoint "
+                                  f"dir holding one, or a shipped name ({', '.join(shipped)})")
     with open(path) as f:
         try:
             tree = json.load(f)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from omni_jax.errors import CheckpointError, CheckpointNotFoundError, UsageError
+
 Path = tuple[str, ...]
 
 
@@ -34,8 +36,14 @@ class Rule:
         return re.fullmatch(self.pattern, key)
 
 
-class UnknownKeyError(KeyError):
-    pass
+class UnknownKeyError(CheckpointError, KeyError):
+    """A checkpoint tensor no rule maps: not a Qwen3-Omni checkpoint, or a part this project does not know."""
+
+    __str__ = Exception.__str__  # KeyError would print the message quoted
+
+
+class WeightsMismatchError(CheckpointError):
+    """The tensors of a checkpoint do not fit the model its config describes (shapes, counts, dtypes)."""
 
 
 # ---- transforms (HF layout -> ours) ----
@@ -293,7 +301,7 @@ def plan_conversion(
         try:
             check_slice(key, path, index, _Shaped(slice_shape), tuple(leaf_shapes[path]))
         except ValueError as e:
-            errors.append(str(e))
+            errors.append(f"{e} (tensor shape in the checkpoint: {shape})")
             continue
         seen = writes.setdefault(path, {})
         if index in seen:
@@ -303,17 +311,23 @@ def plan_conversion(
         planned.append(KeyPlan(key, rule, path, index, shape, slice_shape))
     if unknown:
         more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
-        raise UnknownKeyError(f"no conversion rule for checkpoint key(s): {', '.join(map(repr, unknown[:10]))}{more}")
+        raise UnknownKeyError(f"no conversion rule for checkpoint key(s): {', '.join(map(repr, unknown[:10]))}{more}; "
+                              "is this a Qwen3-Omni (Qwen3OmniMoeForConditionalGeneration) checkpoint?")
     for path, leaf_shape in leaf_shapes.items():
         seen = writes.get(path, {})
         depths = {len(i) for i in seen}
         if len(depths) > 1:
             errors.append(f"{'/'.join(path)} is written at mixed stack depths {sorted(depths)}")
-        elif len(seen) != int(np.prod(tuple(leaf_shape)[: next(iter(depths), 0)], dtype=np.int64)):
-            errors.append(f"param {'/'.join(path)} {tuple(leaf_shape)} is not fully covered: {len(seen)} slice(s) written")
+        elif len(seen) != (need := int(np.prod(tuple(leaf_shape)[: next(iter(depths), 0)], dtype=np.int64))):
+            errors.append(f"param {'/'.join(path)} {tuple(leaf_shape)} is not fully covered: {len(seen)} of {need} "
+                          "slice(s) written")
     if errors:
         more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError("checkpoint does not map onto the model:\n" + "\n".join(errors[:20]) + more)
+        raise WeightsMismatchError(
+            "checkpoint does not map onto the model its config describes:\n" + "\n".join(errors[:20]) + more +
+            "\nEither the config does not match these weights (use the config.json that came with them, or undo the "
+            "edit), or tensors are missing from the download (re-download it)."
+        )
     return Plan(planned, skipped)
 
 
@@ -379,6 +393,19 @@ def _release_freed_memory() -> None:
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _DTYPES = ("bfloat16", "float16", "float32")
+_FLOAT_SOURCES = ("BF16", "F16", "F32", "F64")
+
+
+def check_source_dtypes(plan: Plan, infos: Mapping[str, Any]) -> None:
+    """Every converted tensor must be floating point: an integer/bool tensor where a weight belongs means a
+    corrupt or foreign file, and casting it would silently produce garbage."""
+    bad = [f"{kp.key} in {os.path.basename(infos[kp.key].path)}: stored as {infos[kp.key].dtype}, param "
+           f"{'/'.join(kp.path)}{list(kp.index) if kp.index else ''} needs a float ({'/'.join(_FLOAT_SOURCES)})"
+           for kp in plan.keys if infos[kp.key].dtype not in _FLOAT_SOURCES]
+    if bad:
+        more = f"\n... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise WeightsMismatchError("checkpoint tensors have the wrong dtype:\n" + "\n".join(bad[:20]) + more +
+                                   "\nThe files are corrupt or not this model's weights: re-download them.")
 
 
 def convert_checkpoint(
@@ -394,7 +421,10 @@ def convert_checkpoint(
 
     Streams one decoder layer at a time (layout in omni_jax/checkpoint.py), so peak memory is about
     one layer's converted params plus the largest non-layer component, whatever the depth. Writes
-    into `<out_dir>.partial` and renames it into place only after the completion marker is written.
+    into `<out_dir>.partial` and renames it into place only after the completion marker is written
+    (replacing an existing checkpoint, with `overwrite`, by one atomic directory exchange), so a run
+    killed at any point leaves nothing loadable at out_dir and the next run discards the stale
+    .partial dir. Names, shapes and dtypes are all checked from the headers before anything is written.
     """
     import shutil
 
@@ -407,23 +437,37 @@ def convert_checkpoint(
     from omni_jax.safetensors_io import index_checkpoint
 
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    if not os.path.isdir(hf_dir):
+        raise CheckpointNotFoundError(f"HF checkpoint dir {hf_dir!r} does not exist (or is not a directory)")
+    if os.path.normpath(os.path.abspath(out_dir)) == os.path.normpath(os.path.abspath(hf_dir)):
+        raise UsageError(f"the output dir must differ from the HF checkpoint dir ({hf_dir})")
     ckpt.check_out_dir(out_dir, overwrite)
     explicit_config = config is not None
-    config = config if explicit_config else load_config(hf_dir)
+    if not explicit_config:
+        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+            raise CheckpointError(f"{hf_dir} has no config.json: copy the config.json that came with these weights "
+                                  "into it")
+        config = load_config(hf_dir)
 
+    # Everything below up to the first write checks names, shapes and dtypes from the headers only.
     infos = index_checkpoint(hf_dir)
     present = {k.split(".", 1)[0] for k in infos}
     available = available_components()
     roots = tuple(r for r in COMPONENTS if r in available and r in present)
     if not roots:
-        raise ValueError(f"{hf_dir}: no tensors of any available component ({', '.join(available)})")
+        raise CheckpointError(f"{hf_dir}: no tensors of any available component ({', '.join(available)}); "
+                              "is this a Qwen3-Omni checkpoint?")
     missing_modules = tuple(f"{r}." for r in COMPONENTS if r in present and r not in available)
     leaf_shapes = {p: s.shape for p, s in ckpt.flatten(ckpt.abstract_params(config, roots=roots)).items()}
-    plan = plan_conversion(
-        ((k, i.shape) for k, i in infos.items()), leaf_shapes, all_rules(config, roots), SKIP_PREFIXES + missing_modules
-    )
+    try:
+        plan = plan_conversion(((k, i.shape) for k, i in infos.items()), leaf_shapes, all_rules(config, roots),
+                               SKIP_PREFIXES + missing_modules)
+    except CheckpointError as e:
+        source = "the config passed in" if explicit_config else os.path.join(hf_dir, "config.json")
+        raise type(e)(f"{hf_dir}: the tensors do not fit the model of {source}: {e}") from None
+    check_source_dtypes(plan, infos)
     for prefix, n in sorted(plan.skipped.items()):
         why = "its omni_jax module is not available yet" if prefix in missing_modules else "that part is not built"
         logging.warning("skipping %d checkpoint tensors under %s* (%s)", n, prefix, why)
@@ -433,10 +477,7 @@ def convert_checkpoint(
         return min((infos[kp.key].path, infos[kp.key].offset) for kp in kps)
 
     order = sorted(items, key=lambda name: first(items[name]))
-    tmp = ckpt.partial_dir(out_dir)
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left by an interrupted earlier run of this function
-    os.makedirs(os.path.join(tmp, ckpt.PARAMS_DIR))
+    tmp = ckpt.claim_partial_dir(out_dir)  # discards a stale one; refuses one a live conversion is writing
     try:
         writer = ckpt.ItemWriter()
         with tqdm(total=len(plan.keys), unit="tensor", disable=not progress, desc="converting") as bar:

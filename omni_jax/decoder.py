@@ -4,12 +4,18 @@ Layers are grouped into *segments* of identical structure (dense vs sparse MLP) 
 segment is one `nn.scan`, so compile time does not grow with depth. A segment also ends at
 every "tap" layer whose output the caller needs (the talker reads the thinker's
 `accept_hidden_layer`), so taps cost nothing extra.
+
+`unroll=True` instead gives every layer its own module and params (`layer_<i>`; convert a scanned
+tree with `unstack_layers`). XLA:CPU cannot read a slice of a stacked weight in place: every
+layer's weights are copied out of the stack before each matmul, at every decode step, which
+measured 2-3x slower than separate arrays for matrix-vector products. CPU runs unroll; sharded
+and accelerator runs keep the scan.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -93,6 +99,7 @@ class DecoderStack(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     moe_impl: str = "auto"
+    unroll: bool = False
 
     @nn.compact
     def __call__(
@@ -110,6 +117,14 @@ class DecoderStack(nn.Module):
             taps[0] = x
         carry = (x, cache_k, cache_v, jnp.zeros((), jnp.int32))
         for seg in segments(cfg, self.taps):
+            if self.unroll:
+                for i in range(seg.start, seg.start + seg.count):
+                    carry, _ = DecoderLayer(cfg, seg.sparse, self.dtype, self.param_dtype, self.moe_impl,
+                                            name=layer_name(i))(carry, cos, sin, start)
+                end = seg.start + seg.count
+                if end in self.taps:
+                    taps[end] = carry[0]
+                continue
             scanned = nn.scan(
                 DecoderLayer,
                 variable_axes={"params": 0},
@@ -126,3 +141,27 @@ class DecoderStack(nn.Module):
                 taps[end] = carry[0]
         x, cache_k, cache_v, _ = carry
         return x, taps, cache_k, cache_v
+
+
+def layer_name(i: int) -> str:
+    """Param name of layer i in an unrolled DecoderStack."""
+    return f"layer_{i}"
+
+
+def unstack_layers(stack: Mapping[str, Any], cfg: DecoderConfig, taps: Sequence[int] = ()) -> dict[str, Any]:
+    """Scanned DecoderStack params ({segment: leaves [count, ...]}) -> unrolled ({layer_<i>: leaves}).
+
+    Already-unrolled params are returned unchanged, so callers may pass either layout."""
+    if layer_name(0) in stack:
+        return dict(stack)
+    out: dict[str, Any] = {}
+    for seg in segments(cfg, taps):
+        tree = stack[seg.name]
+        for j in range(seg.count):
+            out[layer_name(seg.start + j)] = jax.tree.map(lambda a, j=j: a[j], tree)
+    return out
+
+
+def unroll_default(mesh: Any = None) -> bool:
+    """Unroll layers on a single CPU device (see the module docstring); keep the scan otherwise."""
+    return mesh is None and jax.default_backend() == "cpu"

@@ -41,9 +41,11 @@ import numpy as np
 from jax.experimental import io_callback
 
 from omni_jax.config import OmniConfig
+from omni_jax.decoder import unroll_default
+from omni_jax.errors import NumericalError, UsageError
 from omni_jax.kv_cache import KVCache
 from omni_jax.sampling import SamplingParams, sample, seen_mask_from_ids, update_seen
-from omni_jax.thinker import Thinker, init_cache, text_positions
+from omni_jax.thinker import Thinker, init_cache, text_positions, unroll_layer_params
 
 #: `<|im_end|>` and `<|endoftext|>` (QwenTokenizer.eos_token_ids).
 DEFAULT_EOS_IDS = (151645, 151643)
@@ -68,6 +70,14 @@ class DecodeState:
     rng: jax.Array
     embeds: jax.Array  # [B, S, H] token embeddings of every fed token (collect_hidden), else [B, 0, H]
     accept_hidden: jax.Array  # [B, S, H] accept-layer output of every fed token (collect_hidden), else [B, 0, H]
+    # Numerical guard: reduced on device every step, read once on the host at the end (`check_finite`).
+    finite: jax.Array  # [] bool: every logit sampled from so far was finite
+
+
+def check_finite(state: DecodeState) -> None:
+    """Raise NumericalError("thinker") if any logit a token was sampled from was NaN/Inf."""
+    if not bool(jax.device_get(state.finite)):
+        raise NumericalError("thinker", "thinker logits")
 
 
 def _is_eos(ids: jax.Array, eos_ids: jax.Array) -> jax.Array:
@@ -169,6 +179,7 @@ def first_token(
         cache=prompt.cache.replace(lengths=end), tokens=first, sequence=sequence,
         num_generated=jnp.ones((b,), jnp.int32), max_new_tokens=max_new, eos_ids=eos_ids, done=done, pending=pending,
         seen=seen, rope_deltas=prompt.rope_deltas, rng=rng, embeds=prompt.embeds, accept_hidden=prompt.accept_hidden,
+        finite=jnp.all(jnp.isfinite(logits)),
     )
     return state, first, jnp.any(pending)
 
@@ -266,6 +277,7 @@ def decode_step(
     new = state.replace(
         cache=out.cache.replace(lengths=pos + feed.astype(jnp.int32)), tokens=nxt, sequence=sequence,
         num_generated=num, done=done, pending=pending, seen=seen, rng=rng, embeds=emb, accept_hidden=acc,
+        finite=state.finite & jnp.all(jnp.isfinite(out.logits[:, 0]) | ~emit[:, None]),
     )
     return new, nxt, emit, jnp.any(pending)
 
@@ -357,9 +369,12 @@ class ThinkerEngine:
         loop: str = "device",
         mesh=None,
         prefill_chunk: int | None = None,
+        unroll_layers: bool | None = None,
     ):
         """mesh: a jax.sharding.Mesh (omni_jax.mesh.make_mesh) to run sharded: params are placed by the
-        rules table (expert-parallel MoE), caches are created sharded, steps are jitted under the mesh."""
+        rules table (expert-parallel MoE), caches are created sharded, steps are jitted under the mesh.
+        unroll_layers (default: on a single CPU device): one module per layer instead of the scan;
+        `params` are the checkpoint's scanned tree either way (omni_jax.decoder says why)."""
         if loop not in ("python", "device"):
             raise ValueError(f"loop must be 'python' or 'device', got {loop!r}")
         self.config = config
@@ -376,7 +391,11 @@ class ThinkerEngine:
         self.pad_id = int(pad_id) if 0 <= pad_id < self.vocab_size else 0
         self.dtype = dtype
         self.loop = loop
-        self.model = Thinker(config, dtype=dtype, param_dtype=dtype, moe_impl=moe_impl)
+        self.unroll_layers = unroll_default(mesh) if unroll_layers is None else bool(unroll_layers)
+        if self.unroll_layers:
+            self.params = unroll_layer_params(config, params)
+        self.model = Thinker(config, dtype=dtype, param_dtype=dtype, moe_impl=moe_impl,
+                             unroll_layers=self.unroll_layers)
         common = dict(model=self.model)
         statics = ("sampling", "collect_hidden")
         self.mesh = mesh
@@ -407,16 +426,18 @@ class ThinkerEngine:
     @staticmethod
     def _check_chunk(chunk: int | None) -> int | None:
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"prefill_chunk must be a positive int or None, got {chunk!r}")
+            raise UsageError(f"prefill_chunk must be a positive int or None, got {chunk!r}")
         return chunk
 
     def bucket_for(self, length: int) -> int:
         if length > self.max_len:
-            raise ValueError(f"prompt of {length} tokens is longer than max_len={self.max_len}")
+            raise UsageError(f"prompt of {length} tokens is longer than max_len={self.max_len} (the KV-cache length); "
+                             "raise max_len (--max_len) or shorten the prompt")
         for b in self.buckets:
             if length <= b:
                 return b
-        raise ValueError(f"prompt of {length} tokens is longer than the largest prefill bucket {self.buckets[-1]}")
+        raise UsageError(f"prompt of {length} tokens is longer than the largest prefill bucket {self.buckets[-1]}; "
+                         "add a larger bucket")
 
     def _cache(self, batch: int) -> KVCache:
         cache = self._caches.pop(batch, None)
@@ -454,21 +475,23 @@ class ThinkerEngine:
         sampling = SamplingParams.greedy() if sampling is None else sampling
         prompts = [[int(t) for t in p] for p in prompts]
         if not prompts:
-            raise ValueError("no prompts given")
+            raise UsageError("no prompts given")
         lengths = [len(p) for p in prompts]
         for i, p in enumerate(prompts):
             if not p:
-                raise ValueError(f"prompt {i} is empty")
+                raise UsageError(f"prompt {i} is empty (0 tokens); give at least one token")
             bad = [t for t in p if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"prompt {i} has ids outside [0, {self.vocab_size}): {bad[:5]}")
+                raise UsageError(f"prompt {i} has ids outside [0, {self.vocab_size}): {bad[:5]}")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         longest = max(lengths)
         bucket = self.bucket_for(longest)
         if longest + max_new_tokens > self.max_len:
-            raise ValueError(
-                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} does not fit max_len={self.max_len}"
+            raise UsageError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} tokens "
+                f"does not fit max_len={self.max_len}; raise max_len (--max_len) to at least "
+                f"{longest + max_new_tokens}, lower max_new_tokens (--max_new_tokens) or shorten the prompt"
             )
         batch = len(prompts)
         chunked = chunk is not None and bucket > chunk
@@ -575,5 +598,6 @@ class ThinkerEngine:
             embeds = np.where(keep, np.asarray(state.embeds[:, : max(totals)]), 0)
             accept = np.where(keep, np.asarray(state.accept_hidden[:, : max(totals)]), 0)
         self._caches[len(prompts)] = state.cache
+        check_finite(state)  # after keeping the cache, so the engine stays usable
         return GenerationResult(gen, [len(p) for p in prompts], reasons, [p + g for p, g in zip(prompts, gen)],
                                 embeds, accept)

@@ -33,3 +33,11 @@ class NumericalError(OmniError, FloatingPointError):
         super().__init__(f"non-finite values (NaN/Inf) in the {stage} output{': ' + detail if detail else ''}; "
                          "nothing was written. Check the checkpoint (a corrupt or mismatched file is the usual cause) "
                          "and the dtype (try --dtype=float32).")
+
+
+class CheckpointError(OmniError, ValueError):
+    """A checkpoint (HF safetensors dir or omni_jax Orbax dir) is incomplete, corrupt or does not match the config."""
+
+
+class CheckpointNotFoundError(UsageError, CheckpointError, FileNotFoundError):
+    """A checkpoint path given by the user does not exist: a usage error (exit 2), caught before any work."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from omni_jax.config import OmniConfig, load_config
 from omni_jax import checkpoint, code2wav, talker, thinker
+from omni_jax.errors import CheckpointError, CheckpointNotFoundError
 from omni_jax.tokenizer import QwenTokenizer, load_tokenizer
 
 DEFAULT_CONFIG = "tiny"
@@ -97,16 +98,14 @@ def load_model(
         return LoadedModel(cfg, params, load_tokenizer(), dtype, True,
                            f"random weights: config {config or DEFAULT_CONFIG!r}, numpy seed 0")
     if not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist")
     if isinstance(config, OmniConfig):
         cfg = config
+    elif config is None and not os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
+        raise CheckpointError(f"no config.json in checkpoint {checkpoint_dir!r}; pass the config it was converted "
+                              "with explicitly")
     else:
-        try:
-            cfg = load_config(config or checkpoint_dir)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
-                f"no config.json in checkpoint {checkpoint_dir!r}; pass the model config explicitly"
-            ) from e
+        cfg = load_config(config or checkpoint_dir)
     shard = None
     if mesh is not None:
         from omni_jax import sharding

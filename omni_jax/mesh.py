@@ -65,15 +65,53 @@ def parse_mesh_spec(spec: str, num_devices: int, num_experts: int | None = None)
     if total != num_devices:
         raise MeshSpecError(
             f"mesh spec {spec!r} needs {total} devices (data={sizes[DATA]} x expert={sizes[EXPERT]} x "
-            f"tensor={sizes[TENSOR]}) but jax sees {num_devices} device(s)"
+            f"tensor={sizes[TENSOR]}) but jax sees {num_devices} device(s); use sizes whose product is "
+            f"{num_devices}, or 'auto'"
         )
     return sizes
 
 
-def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None, num_experts: int | None = None) -> Mesh:
-    """Build a Mesh (axes data, expert, tensor; Auto axis types so GSPMD propagates shardings)."""
+def check_model_fits(sizes: dict[str, int], config, spec: str = "") -> None:
+    """MeshSpecError unless the mesh splits the model the way the sharding rules intend.
+
+    The rules replicate a dimension its mesh axis does not divide (sharding.logical_spec). That is fine for
+    small tensors (the talker's 2 KV heads under tp4), but an expert count the expert axis does not divide
+    would replicate every expert weight (the bulk of the model) and attention heads the tensor axis does not
+    divide would replicate the attention: never what a user asking for that mesh wants. KV heads may be
+    fewer than the tensor axis (replicated groups) but must otherwise divide evenly.
+    """
+    ep, tp = sizes.get(EXPERT, 1), sizes.get(TENSOR, 1)
+    name = f"mesh spec {spec!r}" if spec else "the mesh"
+    problems = []
+    stacks = [("thinker", config.thinker.text)]
+    if getattr(config, "enable_audio_output", True) and getattr(config, "talker", None) is not None:
+        stacks += [("talker", config.talker.text), ("code predictor", config.talker.code_predictor)]
+    for label, dec in stacks:
+        experts = getattr(dec, "num_experts", 0) or 0
+        if experts and ep > 1 and experts % ep:
+            problems.append(f"expert axis {ep} does not divide the {label}'s {experts} experts")
+        if tp > 1 and dec.num_attention_heads % tp:
+            problems.append(f"tensor axis {tp} does not divide the {label}'s {dec.num_attention_heads} attention heads")
+        kv = dec.num_key_value_heads
+        if tp > 1 and kv % tp and tp % kv:
+            problems.append(f"tensor axis {tp} and the {label}'s {kv} KV heads do not divide one another")
+    if problems:
+        raise MeshSpecError(f"{name} (data={sizes.get(DATA, 1)} x expert={ep} x tensor={tp}) does not fit the model: "
+                            + "; ".join(problems) + ". Pick sizes that divide these counts (or --mesh=auto).")
+
+
+def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None, num_experts: int | None = None,
+              config=None) -> Mesh:
+    """Build a Mesh (axes data, expert, tensor; Auto axis types so GSPMD propagates shardings).
+
+    config (an OmniConfig): also check the mesh fits the model (`check_model_fits`); its thinker's expert
+    count is used for 'auto' unless num_experts is given."""
     devices = list(jax.devices() if devices is None else devices)
+    if config is not None and num_experts is None:
+        num_experts = config.thinker.text.num_experts
     sizes = parse_mesh_spec(spec, len(devices), num_experts)
+    if config is not None:
+        check_model_fits(sizes, config, spec)
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
@@ -127,12 +165,13 @@ def maybe_initialize_distributed(
     cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"))
     if coordinator_address is None and not cluster:
         if num_processes not in (None, 1):
-            raise ValueError(f"num_processes={num_processes} but no coordinator address (flag or JAX_COORDINATOR_ADDRESS)")
+            raise UsageError(f"num_processes={num_processes} but no coordinator address "
+                             "(--coordinator_address or JAX_COORDINATOR_ADDRESS)")
         return False
     if num_processes == 1:
         return False
     if coordinator_address is not None and (num_processes is None or process_id is None):
-        raise ValueError(
+        raise UsageError(
             f"multi-process run with coordinator {coordinator_address!r} needs both num_processes "
             f"(got {num_processes}) and process_id (got {process_id})"
         )

@@ -25,6 +25,7 @@ import numpy as np
 
 from omni_jax import code2wav as c2w
 from omni_jax.engine import GenerationResult, ThinkerEngine
+from omni_jax.errors import NumericalError, UsageError
 from omni_jax.loading import LoadedModel, load_model
 from omni_jax.sampling import SamplingParams
 from omni_jax.talker import TalkerGenerator, TalkerSampling, pow2_bucket, tts_token_ids
@@ -47,11 +48,15 @@ class Request:
 
     def to_messages(self) -> list[dict]:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("a request needs exactly one of 'prompt' or 'messages'")
+            raise UsageError("a request needs exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not (isinstance(self.prompt, str) and self.prompt.strip()):
+            raise UsageError(f"the prompt is empty ({self.prompt!r}); give some text to answer")
+        if self.messages is not None and not self.messages:
+            raise UsageError("the request's message list is empty; give at least one message")
         msgs = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt}]
         if self.system is not None:
             if msgs and msgs[0].get("role") == "system":
-                raise ValueError("request has both 'system' and a system message")
+                raise UsageError("request has both 'system' and a system message")
             msgs = [{"role": "system", "content": self.system}] + msgs
         return msgs
 
@@ -104,6 +109,7 @@ class OmniPipeline:
                 params["talker"] = sharding.place(
                     params["talker"], parallel.talker_param_shardings(self.config, mesh, dtype=self.dtype))
             self.talker = TalkerGenerator(self.config, self.dtype, moe_impl, mesh=mesh)
+            params["talker"] = self.talker.prepare_params(params["talker"])
         self.params = params
         self.loaded = dataclasses.replace(loaded, params=params)  # no second reference to unplaced arrays
 
@@ -147,7 +153,7 @@ class OmniPipeline:
         callback(row, token_id) streams text tokens."""
         requests = [Request(prompt=r) if isinstance(r, str) else r for r in requests]
         if not requests:
-            raise ValueError("no requests given")
+            raise UsageError("no requests given")
         return self.generate_ids(
             [self.encode(r) for r in requests], [r.speaker for r in requests], text_only=text_only,
             max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens, sampling=sampling,
@@ -173,17 +179,19 @@ class OmniPipeline:
         speakers: one name for all rows or one per row (case-insensitive). eos_ids: ids ending the text (default:
         the tokenizer's); they also place the talker's end-of-text marker, like HF's `thinker_eos_token_id`.
         A reply shorter than MIN_SPEECH_TOKENS gets no audio (0 frames, empty waveform).
+        NaN/Inf in a stage's logits or audio raises omni_jax.errors.NumericalError naming the stage (thinker,
+        talker, code predictor, code2wav); the flags are reduced on device and read once per stage.
         """
         prompts = [[int(t) for t in p] for p in prompt_ids]
         if not prompts:
-            raise ValueError("no prompts given")
+            raise UsageError("no prompts given")
         names = [speakers] * len(prompts) if isinstance(speakers, str) else list(speakers)
         if len(names) != len(prompts):
-            raise ValueError(f"got {len(names)} speakers for {len(prompts)} prompts")
+            raise UsageError(f"got {len(names)} speakers for {len(prompts)} prompts")
         speech = not text_only
         if speech:
             if not self.has_speech:
-                raise ValueError("this checkpoint has no talker/code2wav weights; use text_only=True")
+                raise UsageError("this checkpoint has no talker/code2wav weights; use text_only=True (--text_only)")
             for name in names:
                 self.config.talker.speaker(name)  # unknown speaker -> ValueError listing the known ones
         eos = tuple(int(e) for e in (self.tokenizer.eos_token_ids if eos_ids is None else eos_ids))
@@ -266,7 +274,11 @@ class OmniPipeline:
             u, d = cfg.total_upsample, c2w.delay_samples(cfg)
             cuts = [int(m) * u - d * math.ceil(int(m) / chunk_size) for m in lengths]
         wav = np.asarray(wav, np.float32)
-        return [wav[r, : cuts[r]].copy() for r in range(b)]
+        out = [wav[r, : cuts[r]].copy() for r in range(b)]
+        bad = [r for r, w in enumerate(out) if not np.isfinite(w).all()]
+        if bad:
+            raise NumericalError("code2wav", f"waveform of row(s) {bad}")
+        return out
 
     def stream(
         self,

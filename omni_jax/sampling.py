@@ -14,7 +14,16 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from omni_jax.errors import UsageError
+
 _NEG_INF = -jnp.inf
+
+
+def bad_value(owner: str, field: str, value, rule: str) -> UsageError:
+    """UsageError for an out-of-range setting; `.field`/`.rule`/`.value` let launchers name the flag that set it."""
+    err = UsageError(f"{owner}.{field} {rule}, got {value!r}")
+    err.field, err.rule, err.value = field, rule, value
+    return err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +39,13 @@ class SamplingParams:
     def __post_init__(self):
         object.__setattr__(self, "suppress_tokens", tuple(int(t) for t in self.suppress_tokens))
         if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k}")
+            raise bad_value("SamplingParams", "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
+            raise bad_value("SamplingParams", "top_k", self.top_k, "must be a non-negative integer (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+            raise bad_value("SamplingParams", "top_p", self.top_p, "must be in (0, 1] (1 = off)")
         if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            raise bad_value("SamplingParams", "repetition_penalty", self.repetition_penalty, "must be > 0 (1 = off)")
 
     @classmethod
     def greedy(cls, repetition_penalty: float = 1.0, suppress_tokens: Sequence[int] = ()) -> "SamplingParams":

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 import time
 import wave
@@ -45,8 +46,10 @@ import numpy as np
 
 from omni_jax import code2wav as c2w
 from omni_jax.config import OmniConfig
+from omni_jax.engine import check_finite as check_thinker_finite
+from omni_jax.errors import NumericalError, UsageError
 from omni_jax.sampling import SamplingParams
-from omni_jax.talker import Talker, TalkerSampling, tts_token_ids
+from omni_jax.talker import Talker, TalkerSampling, check_finite as check_talker_finite, tts_token_ids
 
 #: Frames per audio chunk allowed: below 4 the fixed per-chunk cost (context transformer, dispatch)
 #: dominates; above 25 (2 s of audio) the first chunk stops being "early".
@@ -123,7 +126,7 @@ def _common_prefix(a: str, b: str) -> str:
 
 def check_chunk_frames(chunk_frames: int) -> int:
     if not MIN_CHUNK_FRAMES <= int(chunk_frames) <= MAX_CHUNK_FRAMES:
-        raise ValueError(f"chunk_frames must be in [{MIN_CHUNK_FRAMES}, {MAX_CHUNK_FRAMES}], got {chunk_frames}")
+        raise UsageError(f"chunk_frames must be in [{MIN_CHUNK_FRAMES}, {MAX_CHUNK_FRAMES}], got {chunk_frames}")
     return int(chunk_frames)
 
 
@@ -174,7 +177,10 @@ class AudioChunker:
         wav = c2w.decode_incremental(self.params, self._codes[:, :, :end], start, end, self.config,
                                      context=self.context, pad_frames_to=self.chunk_frames, dtype=self.dtype)
         self.decoded = end
-        return np.asarray(wav[0], np.float32), self._codes[0, :, start:end].copy()
+        wav = np.asarray(wav[0], np.float32)
+        if not np.isfinite(wav).all():
+            raise NumericalError("code2wav", f"audio of frames [{start}, {end})")
+        return wav, self._codes[0, :, start:end].copy()
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,7 +240,7 @@ class SpeechStream:
         from omni_jax.pipeline import Request
 
         if not pipe.has_speech:
-            raise ValueError("this checkpoint has no talker/code2wav weights; streaming speech needs them")
+            raise UsageError("this checkpoint has no talker/code2wav weights; streaming speech needs them")
         if isinstance(prompt_or_request, str):
             prompt_or_request = Request(prompt=prompt_or_request)
         if isinstance(prompt_or_request, Request):
@@ -245,7 +251,7 @@ class SpeechStream:
         self.speaker = speaker or "ethan"
         pipe.config.talker.speaker(self.speaker)  # unknown speaker -> ValueError listing the known ones
         if talker_max_new_tokens < 1:
-            raise ValueError(f"talker_max_new_tokens must be >= 1, got {talker_max_new_tokens}")
+            raise UsageError(f"talker_max_new_tokens must be >= 1, got {talker_max_new_tokens}")
         self.pipe = pipe
         self.max_new_tokens = int(max_new_tokens)
         self.talker_max_new_tokens = int(talker_max_new_tokens)
@@ -299,6 +305,8 @@ class SpeechStream:
             return StreamEvent(text_delta=delta, token_ids=[tok], t=t)
 
         try:
+            # Numerical guard: the device-side flags are read once here and once per audio chunk (never per token).
+            check_thinker_finite(state)
             yield take(pre.first)
             talker = chunker = None
             if not thinker_done:  # the reply has >= MIN_SPEECH_TOKENS tokens: it gets speech
@@ -310,6 +318,8 @@ class SpeechStream:
             frames = 0
 
             def audio_event(out) -> StreamEvent:
+                check_thinker_finite(state)  # no audio leaves a stream whose stages produced NaN/Inf
+                check_talker_finite(tstate)
                 wav, codes = out
                 wav_parts.append(wav)
                 stats.audio_chunks += 1
@@ -357,6 +367,9 @@ class SpeechStream:
                 stats.tokens_after_talker_done += int(talker_done and talker is not None)
                 yield take(toks)
 
+            check_thinker_finite(state)
+            if talker is not None:
+                check_talker_finite(tstate)
             timings["total_s"] = now()
             q = pipe.config.talker.num_code_groups
             all_codes = chunker.codes if chunker else np.zeros((q, 0), np.int32)
@@ -438,8 +451,6 @@ def stream_to_outputs(stream: SpeechStream, output: str | None, sample_rate: int
     sink = None
     if output == "-":
         sink = sys.stdout.buffer
-    elif output:
-        sink = ProgressiveWav(output, sample_rate)
     first_text = first_audio = None
     last_audio_t, rtfs, samples = 0.0, [], 0
     try:
@@ -456,10 +467,20 @@ def stream_to_outputs(stream: SpeechStream, output: str | None, sample_rate: int
                     rtfs.append((ev.t - last_audio_t) / (len(ev.audio) / sample_rate))
                 last_audio_t = ev.t
                 samples += len(ev.audio)
+                if sink is None and output and output != "-":  # opened at the first audio: a failure before it
+                    sink = ProgressiveWav(output, sample_rate)  # leaves no file behind
                 if sink is not None:
                     sink.write(to_pcm16(ev.audio) if output == "-" else ev.audio)
                     if output == "-":
                         sink.flush()
+        if output and output != "-" and sink is None:
+            sink = ProgressiveWav(output, sample_rate)  # a stream with no audio still writes a valid (empty) WAV
+    except Exception:
+        if isinstance(sink, ProgressiveWav):  # a failed stream (e.g. NumericalError) leaves no partial file
+            sink.close()
+            sink = None
+            os.remove(output)
+        raise
     finally:
         if isinstance(sink, ProgressiveWav):
             sink.close()

@@ -32,11 +32,12 @@ import numpy as np
 from omni_jax.code_predictor import CodePredictor, frame_cache, predict_frame
 from omni_jax.config import OmniConfig
 from omni_jax.convert import Rule, decoder_rules, identity, linear
-from omni_jax.decoder import DecoderStack
+from omni_jax.decoder import DecoderStack, layer_name, unroll_default, unstack_layers
 from omni_jax.kv_cache import KVCache
 from omni_jax.mlp import logical_dense
 from omni_jax.norm import RMSNorm
-from omni_jax.sampling import SamplingParams, sample
+from omni_jax.errors import NumericalError, UsageError
+from omni_jax.sampling import SamplingParams, bad_value, sample
 from omni_jax.sharding import constrain
 
 _INIT = nn.initializers.normal(0.02)
@@ -72,6 +73,7 @@ class TalkerModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     moe_impl: str = "auto"
+    unroll_layers: bool = False
 
     def setup(self):
         text = self.config.talker.text
@@ -79,7 +81,7 @@ class TalkerModel(nn.Module):
             text.vocab_size, text.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
         )
-        self.layers = DecoderStack(text, (), self.dtype, self.param_dtype, self.moe_impl)
+        self.layers = DecoderStack(text, (), self.dtype, self.param_dtype, self.moe_impl, self.unroll_layers)
         self.norm = RMSNorm(text.rms_norm_eps, self.param_dtype)
 
     def embed(self, codes: jax.Array) -> jax.Array:
@@ -99,18 +101,20 @@ class Talker(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     moe_impl: str = "auto"
+    unroll_layers: bool = False  # params from `unroll_layer_params` (omni_jax.decoder: why)
 
     def setup(self):
         tk = self.config.talker
         text = tk.text
         self.text_projection = ResizeMLP(text.intermediate_size, text.hidden_size, self.dtype, self.param_dtype)
         self.hidden_projection = ResizeMLP(text.intermediate_size, text.hidden_size, self.dtype, self.param_dtype)
-        self.model = TalkerModel(self.config, self.dtype, self.param_dtype, self.moe_impl)
+        self.model = TalkerModel(self.config, self.dtype, self.param_dtype, self.moe_impl, self.unroll_layers)
         self.codec_head = nn.Dense(
             text.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(_INIT, ("embed", "vocab")),
         )
-        self.code_predictor = CodePredictor(tk.code_predictor, tk.num_code_groups, self.dtype, self.param_dtype)
+        self.code_predictor = CodePredictor(tk.code_predictor, tk.num_code_groups, self.dtype, self.param_dtype,
+                                            self.unroll_layers)
 
     def project_text(self, embeds: jax.Array) -> jax.Array:
         return self.text_projection(embeds)
@@ -181,6 +185,15 @@ def init_params(config: OmniConfig, rng: jax.Array, dtype=jnp.float32):
     return nn.unbox(jax.jit(lambda r: model.init(r, *_init_args(config)))(rng)["params"])
 
 
+def unroll_layer_params(config: OmniConfig, params: dict) -> dict:
+    """Talker params for `Talker(unroll_layers=True)`: talker and code-predictor stacks unstacked."""
+    tk = config.talker
+    model = {**params["model"], "layers": unstack_layers(params["model"]["layers"], tk.text)}
+    cp = {**params["code_predictor"],
+          "layers": unstack_layers(params["code_predictor"]["layers"], tk.code_predictor)}
+    return {**params, "model": model, "code_predictor": cp}
+
+
 def hf_rules(config: OmniConfig) -> list[Rule]:
     """Every `talker.*` checkpoint key onto the param tree rooted at "talker"."""
     tk = config.talker
@@ -226,15 +239,18 @@ class TalkerSampling:
     code_predictor_top_p: float = 0.8
 
     def __post_init__(self):
+        # temperature 0 is not a talker setting: greedy is do_sample=False (TalkerSampling.greedy()).
         for name in ("temperature", "code_predictor_temperature", "repetition_penalty"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"TalkerSampling.{name} must be > 0, got {getattr(self, name)}")
+                raise bad_value("TalkerSampling", name, getattr(self, name),
+                                "must be > 0" + (" (for greedy use do_sample=False)" if "temp" in name else ""))
         for name in ("top_p", "code_predictor_top_p"):
             if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"TalkerSampling.{name} must be in (0, 1], got {getattr(self, name)}")
+                raise bad_value("TalkerSampling", name, getattr(self, name), "must be in (0, 1] (1 = off)")
         for name in ("top_k", "code_predictor_top_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TalkerSampling.{name} must be >= 0 (0 disables), got {getattr(self, name)}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 0:
+                raise bad_value("TalkerSampling", name, v, "must be a non-negative integer (0 = off)")
 
     @classmethod
     def greedy(cls, repetition_penalty: float = 1.05) -> "TalkerSampling":
@@ -292,7 +308,8 @@ def _user_positions(ids: np.ndarray, config: OmniConfig) -> np.ndarray:
 def _assistant_start(ids: np.ndarray, config: OmniConfig, row: int) -> int:
     hits = np.nonzero((ids[:-1] == config.im_start_token_id) & (ids[1:] == config.assistant_token_id))[0]
     if hits.size == 0:
-        raise ValueError(f"row {row}: prompt has no '<|im_start|>assistant' header; the talker needs one")
+        raise UsageError(f"row {row}: prompt has no '<|im_start|>assistant' header; the talker needs one "
+                         "(apply the chat template with add_generation_prompt=True, or use text_only)")
     return int(hits[-1])
 
 
@@ -452,6 +469,18 @@ class TalkerState:
     penalty_from: jax.Array  # [B] int32 group-0 tokens with a lower index are left out of the repetition penalty
     done: jax.Array  # [B] bool row has emitted codec EOS
     rng: jax.Array
+    # Numerical guard, checked once on the host when the stage ends (`check_finite`), never per step:
+    finite: jax.Array  # [] bool every talker logit of a live row so far was finite
+    cp_finite: jax.Array  # [] bool every code-predictor logit of a live row so far was finite
+
+
+def check_finite(state: TalkerState) -> None:
+    """Raise NumericalError naming the stage if the talker or code predictor produced NaN/Inf logits."""
+    finite, cp_finite = jax.device_get((state.finite, state.cp_finite))
+    if not finite:
+        raise NumericalError("talker", "talker logits")
+    if not cp_finite:
+        raise NumericalError("code predictor", "code predictor logits")
 
 
 def _mark_seen(seen: jax.Array, code: jax.Array, token_index: jax.Array | int, penalty_from: jax.Array) -> jax.Array:
@@ -492,15 +521,19 @@ def talker_prefill(
         penalty_from=penalty_from.astype(jnp.int32),
         done=code0 == model.config.talker.codec_eos_token_id,
         rng=rng,
+        finite=jnp.all(jnp.isfinite(logits)),
+        cp_finite=jnp.ones((), bool),
     )
 
 
 def code_predictor_frame(
-    model: Talker, params, hidden: jax.Array, code0: jax.Array, rng: jax.Array, sampling: TalkerSampling
-) -> tuple[jax.Array, jax.Array]:
+    model: Talker, params, hidden: jax.Array, code0: jax.Array, rng: jax.Array, sampling: TalkerSampling,
+    with_finite: bool = False,
+):
     """All groups of one frame: (codes [B, G] with group 0 = code0, next talker input embedding w/o text [B, H]).
 
     The embedding is talker_codec_embedding(code0) + sum_g code_predictor_embedding[g-1](code_g), as HF sums them.
+    with_finite: also return finite [B] bool (every code-predictor logit of the row was finite).
     """
     v = {"params": params}
     tk = model.config.talker
@@ -510,9 +543,11 @@ def code_predictor_frame(
 
     e0 = model.apply(v, code0, method=Talker.embed_codec)
     cp_params = sampling.code_predictor_params()
-    residual, emb = predict_frame(apply, tk.code_predictor, tk.num_code_groups, hidden, e0, rng,
-                                  lambda logits, key: sample(logits, key, cp_params), model.dtype)
-    return jnp.concatenate([code0[:, None], residual], axis=1), e0.astype(jnp.float32) + emb
+    residual, emb, finite = predict_frame(apply, tk.code_predictor, tk.num_code_groups, hidden, e0, rng,
+                                          lambda logits, key: sample(logits, key, cp_params), model.dtype,
+                                          with_finite=True)
+    codes, emb = jnp.concatenate([code0[:, None], residual], axis=1), e0.astype(jnp.float32) + emb
+    return (codes, emb, finite) if with_finite else (codes, emb)
 
 
 def talker_step(
@@ -526,7 +561,9 @@ def talker_step(
     v = {"params": params}
     b = state.code0.shape[0]
     rng, k_cp, k_c0 = jax.random.split(state.rng, 3)
-    codes, emb = code_predictor_frame(model, params, state.hidden, state.code0, k_cp, sampling)
+    codes, emb, cp_finite = code_predictor_frame(model, params, state.hidden, state.code0, k_cp, sampling,
+                                                 with_finite=True)
+    live = ~state.done  # finished rows still run (static shapes); only live rows count for the guard
     col = jnp.minimum(state.step, trailing.shape[1] - 1)
     text = jax.lax.dynamic_index_in_dim(trailing, col, 1, keepdims=False)
     x = (emb.astype(model.dtype) + text.astype(model.dtype))[:, None]
@@ -544,8 +581,10 @@ def talker_step(
         step=state.step + 1,
         done=state.done | (code0 == model.config.talker.codec_eos_token_id),
         rng=rng,
+        finite=state.finite & jnp.all(jnp.isfinite(logits) | ~live[:, None]),
+        cp_finite=state.cp_finite & jnp.all(cp_finite | ~live),
     )
-    return new, codes, ~state.done
+    return new, codes, live
 
 
 def _project(model: Talker, params, embeds, hidden, mm):
@@ -565,12 +604,16 @@ class TalkerCodes(NamedTuple):
 class TalkerGenerator:
     """Jitted talker prefill/step (compiled once per batch / length bucket) and the host decode loop."""
 
-    def __init__(self, config: OmniConfig, dtype=jnp.float32, moe_impl: str = "auto", mesh=None):
+    def __init__(self, config: OmniConfig, dtype=jnp.float32, moe_impl: str = "auto", mesh=None,
+                 unroll_layers: bool | None = None):
         """mesh: a jax.sharding.Mesh (omni_jax.mesh.make_mesh) to run prefill/step sharded (expert-parallel
-        MoE); place params with omni_jax.parallel.talker_param_shardings first. None: one device."""
+        MoE); place params with omni_jax.parallel.talker_param_shardings first. None: one device.
+        unroll_layers (default: on a single CPU device): the params passed to every call must then come
+        from `prepare_params` (see omni_jax.decoder for why)."""
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        self.model = Talker(config, self.dtype, self.dtype, moe_impl)
+        self.unroll_layers = unroll_default(mesh) if unroll_layers is None else bool(unroll_layers)
+        self.model = Talker(config, self.dtype, self.dtype, moe_impl, self.unroll_layers)
         donate = jax.default_backend() != "cpu"  # XLA:CPU cannot donate; avoid a warning per call
         if mesh is None:
             jit = jax.jit
@@ -586,8 +629,20 @@ class TalkerGenerator:
             functools.partial(talker_step, self.model), static_argnames=("sampling",),
             donate_argnames=("state",) if donate else (),
         )
-        self.frame = jax.jit(functools.partial(code_predictor_frame, self.model), static_argnames=("sampling",))
+        self.frame = jax.jit(functools.partial(code_predictor_frame, self.model),
+                             static_argnames=("sampling", "with_finite"))
         self.project = _project_fn(config, self.dtype)
+
+    def prepare_params(self, params: dict) -> dict:
+        """The checkpoint's (scanned) talker params in the layout this generator's model reads."""
+        return unroll_layer_params(self.config, params) if self.unroll_layers else params
+
+    def _check_layout(self, params: dict) -> None:
+        unrolled = layer_name(0) in params["model"]["layers"]
+        if unrolled != self.unroll_layers:
+            have, want = ("unrolled", "scanned") if unrolled else ("scanned", "unrolled")
+            raise ValueError(f"talker params have {have} layers but this generator runs {want} ones: pass "
+                             "generator.prepare_params(checkpoint_params) (once) instead of the checkpoint's tree")
 
     def build_inputs(self, params, *args, **kwargs) -> TalkerInputs:
         """`build_talker_inputs` with this generator's dtype and compiled projection."""
@@ -614,7 +669,8 @@ class TalkerGenerator:
         None penalizes every code (HF's single-sequence behaviour for every row).
         """
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise UsageError(f"talker max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._check_layout(params)
         b, t, _ = inputs.embeds.shape
         lengths = np.asarray(inputs.lengths, np.int32)
         tb = pow2_bucket(t)
@@ -648,13 +704,16 @@ class TalkerGenerator:
     ) -> Iterator[tuple[jax.Array, jax.Array]]:
         """Yields (codes [B, G], valid [B]) per frame, at most max_new_tokens - 1 frames (HF: the last sampled
         group-0 code never gets its residual groups), until every row has emitted codec EOS.
-        start_options: positions, rope_delta, penalty_from (see `start`)."""
+        start_options: positions, rope_delta, penalty_from (see `start`).
+        Raises NumericalError ("talker" / "code predictor") after the last frame if any logit was NaN/Inf
+        (`generate` collects every frame first, so then nothing comes out)."""
         state, trailing = self.start(params, inputs, max_new_tokens, sampling, rng, **start_options)
         for _ in range(max_new_tokens - 1):
             if bool(jnp.all(state.done)):
-                return
+                break
             state, codes, valid = self.step(params, state, trailing, sampling=sampling)
             yield codes, valid
+        check_finite(state)
 
     def generate(
         self, params, inputs: TalkerInputs, max_new_tokens: int, sampling: TalkerSampling = TalkerSampling(),

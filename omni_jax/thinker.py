@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from omni_jax.config import OmniConfig
-from omni_jax.decoder import DecoderStack
+from omni_jax.decoder import DecoderStack, unstack_layers
 from omni_jax.kv_cache import KVCache
 from omni_jax.norm import RMSNorm
 from omni_jax.sharding import constrain
@@ -30,6 +30,7 @@ class Thinker(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     moe_impl: str = "auto"
+    unroll_layers: bool = False  # params from `unroll_layer_params` (omni_jax.decoder: why)
 
     def setup(self):
         text = self.config.thinker.text
@@ -38,7 +39,8 @@ class Thinker(nn.Module):
             embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
         )
         self.layers = DecoderStack(
-            text, (self.config.talker.accept_hidden_layer,), self.dtype, self.param_dtype, self.moe_impl
+            text, (self.config.talker.accept_hidden_layer,), self.dtype, self.param_dtype, self.moe_impl,
+            self.unroll_layers,
         )
         self.norm = RMSNorm(text.rms_norm_eps, self.param_dtype)
         if not self.config.thinker.tie_word_embeddings:
@@ -102,3 +104,9 @@ def boxed_abstract_params(config: OmniConfig, dtype=jnp.float32):
 def init_params(config: OmniConfig, rng: jax.Array, dtype=jnp.float32):
     model = Thinker(config, dtype=dtype, param_dtype=dtype)
     return nn.unbox(jax.jit(lambda r: model.init(r, *_init_args(config)))(rng)["params"])
+
+
+def unroll_layer_params(config: OmniConfig, params: dict) -> dict:
+    """Thinker params for `Thinker(unroll_layers=True)`: the same tree with the layer stack unstacked."""
+    stack = unstack_layers(params["layers"], config.thinker.text, (config.talker.accept_hidden_layer,))
+    return {**params, "layers": stack}

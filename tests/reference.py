@@ -6,14 +6,9 @@ import copy
 import json
 import os
 
-import numpy as np
-
-TINY_TOWERS = {
-    "audio_config": dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
-                         output_dim=64, num_mel_bins=16, downsample_hidden_size=16),
-    "vision_config": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                          deepstack_visual_indexes=[0], num_position_embeddings=16, patch_size=4),
-}
+from omni_jax.hf_reference import (  # noqa: F401  (re-exported: the shared reference code lives there)
+    TINY_TOWERS, build_hf_model, hf_config_dict, read_safetensors, save_hf_model,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,54 +32,6 @@ VARIANTS = {
                                                                      "mrope_section": [2, 1, 1], "interleaved": True,
                                                                      "mrope_interleaved": True}),
 }
-
-
-def hf_config_dict(cfg: dict, vocab_size: int = 1024) -> dict:
-    """Our json + the bits transformers needs that we do not (tiny audio/vision towers)."""
-    cfg = copy.deepcopy(cfg)
-    cfg["thinker_config"]["text_config"]["vocab_size"] = vocab_size
-    cfg["thinker_config"].update(copy.deepcopy(TINY_TOWERS))
-    cfg["talker_config"].setdefault("spatial_merge_size", 2)
-    return cfg
-
-
-def build_hf_model(cfg: dict, seed: int = 0):
-    """A random fp32 transformers model whose every parameter (norms included) is perturbed."""
-    import torch
-    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
-
-    torch.manual_seed(seed)
-    model = Qwen3OmniMoeForConditionalGeneration(Qwen3OmniMoeConfig(**cfg)).float().eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        # transformers allocates the talker's expert weights with torch.empty and never initializes them
-        # (its _init_weights only covers the thinker's MoE): zero them so the draw below is deterministic
-        # instead of inheriting whatever the allocator returned (NaNs on some machines).
-        for module in model.modules():
-            if type(module).__name__ == "Qwen3OmniMoeTalkerTextExperts":
-                module.gate_up_proj.zero_()
-                module.down_proj.zero_()
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".norm." in name or "layernorm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def save_hf_model(model, out_dir: str) -> str:
-    model.save_pretrained(out_dir)
-    return out_dir
-
-
-def read_safetensors(hf_dir: str):
-    from safetensors import safe_open
-
-    for name in sorted(os.listdir(hf_dir)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(hf_dir, name), "np") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
 
 
 # The fixture thinkers have a 1024-token vocab, so the chat/tts special ids are remapped below it

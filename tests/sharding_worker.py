@@ -124,7 +124,7 @@ def _moe_hlo(config, mesh) -> dict:
 
     cfg = config.thinker.text
     out = {}
-    for impl in ("gather", "dense", "ragged"):
+    for impl in ("gather", "grouped", "dense", "ragged"):
         moe = SparseMoE(cfg, impl=impl)
         x = jnp.ones((B, T, cfg.hidden_size))
         boxed = jax.eval_shape(lambda: moe.init(jax.random.PRNGKey(0), x))["params"]

@@ -182,7 +182,7 @@ def test_no_allgather_of_expert_weights(mesh_run):
         if not name.endswith("router"):
             assert "'expert'" in spec and "'tensor'" in spec, (name, spec)
     # ... and no compiled program (one MoE layer per dispatch, the full decode step) all-gathers them.
-    programs = {f"moe_{k}": v for k, v in moe.items() if k in ("gather", "dense", "ragged")}
+    programs = {f"moe_{k}": v for k, v in moe.items() if k in ("gather", "grouped", "dense", "ragged")}
     programs["thinker_decode"] = report["thinker_decode_collectives"]
     for name, colls in programs.items():
         assert colls, f"{name}: expected the expert/tensor psum in the HLO"
@@ -191,7 +191,7 @@ def test_no_allgather_of_expert_weights(mesh_run):
                 bad = [s for s in _shapes(c["operands"]) if _expert_weight_like(s, 4)]
                 assert not bad, f"{name}: {c['op']} of expert-weight-shaped operands {bad}"
     # The MoE layer's only collective is one all-reduce of the [tokens, hidden] partial sums.
-    for impl in ("gather", "dense", "ragged"):
+    for impl in ("gather", "grouped", "dense", "ragged"):
         assert [(c["op"], c["operands"]) for c in moe[impl]] == [("all-reduce", ["f32[10,64]"])], moe[impl]
 
 

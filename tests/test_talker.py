@@ -51,6 +51,7 @@ class Case:
             setattr(self.hf.thinker.config, k, v)
         self.gen = TalkerGenerator(self.config)
         self.model = self.gen.model
+        self.params = self.gen.prepare_params(self.params)  # the layout gen.model reads (unrolled on CPU)
 
 
 @pytest.fixture(scope="module")
