@@ -129,7 +129,7 @@ def thinker_rules(config) -> list[Rule]:
     rules = decoder_rules("thinker.model", ("thinker", "layers"), text, (config.talker.accept_hidden_layer,))
     rules += [
         Rule(r"thinker\.model\.embed_tokens\.weight", lambda m: (("thinker", "embed_tokens", "embedding"), ()), identity),
-        Rule(r"thinker\.lm_head\.weight", lambda m: (("thinker", "lm_head", "kernel"), ()), linear),
+        Rule(r"thinker\.lm_head\.weight", lambda m: (("thinker", "lm_head"), ()), identity),  # [V, H] as in HF
     ]
     return rules
 

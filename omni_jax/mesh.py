@@ -22,7 +22,7 @@ from omni_jax.errors import UsageError
 
 MESH_AXES: tuple[str, ...] = (DATA, EXPERT, TENSOR)
 _PREFIX = {"dp": DATA, "ep": EXPERT, "tp": TENSOR}
-_TOKEN = re.compile(r"(dp|tp|ep)(\d+)")
+_TOKEN = re.compile(r"(dp|tp|ep)([0-9]+)")
 
 
 class MeshSpecError(UsageError):

@@ -3,13 +3,14 @@
 The expert computation is a pure function of (tokens, routing, stacked weights) so the
 expert-parallel path can wrap the same code in shard_map. Dispatch strategies, all exact (no
 token dropping):
-  * "gather":  one independent slice-and-matmul chain per (token, expert) copy, unrolled; best for
-               decode (few copies). Independent chains let XLA run them concurrently, and nothing
-               bigger than one expert's matrices is ever materialised (gathering all k matrices
-               at once, [N, k, H, I], measured 2-5x slower on CPU).
+  * "gather":  one independent slice-and-matmul chain per (token, expert) copy, unrolled; decode on
+               accelerators (few copies). Nothing bigger than one expert's matrices is materialised.
   * "grouped": sorts copies by expert and loops over the experts actually hit, reading each one's
                weights once and running its rows in fixed blocks (weights as the matmul's left
-               operand); prefill on CPU.
+               operand); everything on CPU. Measured on CPU at the real widths (2048 hidden, 768 FFN,
+               128 experts, top-8): 9 ms vs 10 ms (unrolled gather) vs 34 ms (gathering all k
+               matrices at once) per layer at batch 1, 60 vs 92 ms at batch 8, and 0.69 s for a
+               512-token prefill, where the one-batched-matmul-with-capacity layout took 0.83-1.3 s.
   * "ragged":  sorts copies by expert and uses lax.ragged_dot; prefill on accelerators.
   * "dense":   runs every expert on every token and masks; only for tiny models
                (XLA:CPU lowers ragged_dot densely and slowly).
@@ -83,18 +84,26 @@ def experts_grouped(x, weights, ids, wg, wu, wd, valid=None, block: int | None =
     xs = jnp.pad(x[order // k], ((0, block), (0, 0)))
     hit = jnp.nonzero(counts > 0, size=min(e, p), fill_value=0)[0]
 
+    tail = max(1, block // 4)
+
     def expert(u, ys):
         ex = hit[u]
         g_w, u_w, d_w = wg[ex], wu[ex], wd[ex]
 
-        def rows(b, ys):
-            off = starts[ex] + b * block
-            r = jax.lax.dynamic_slice_in_dim(xs, off, block)
-            g = jnp.einsum("hi,bh->bi", g_w, r)
-            y = jnp.einsum("ih,bi->bh", d_w, _ffn(g, jnp.einsum("hi,bh->bi", u_w, r)))
-            return jax.lax.dynamic_update_slice_in_dim(ys, y.astype(ys.dtype), off, 0)
+        def rows(size, base):
+            def run(b, ys):
+                off = base + b * size
+                r = jax.lax.dynamic_slice_in_dim(xs, off, size)
+                g = jnp.einsum("hi,bh->bi", g_w, r)
+                y = jnp.einsum("ih,bi->bh", d_w, _ffn(g, jnp.einsum("hi,bh->bi", u_w, r)))
+                return jax.lax.dynamic_update_slice_in_dim(ys, y.astype(ys.dtype), off, 0)
+            return run
 
-        return jax.lax.fori_loop(0, (counts[ex] + block - 1) // block, rows, ys)
+        # Full blocks, then the remainder in quarter blocks: less padding than rounding up to `block`.
+        full = counts[ex] // block
+        ys = jax.lax.fori_loop(0, full, rows(block, starts[ex]), ys)
+        rest = counts[ex] - full * block
+        return jax.lax.fori_loop(0, (rest + tail - 1) // tail, rows(tail, starts[ex] + full * block), ys)
 
     ys = jax.lax.fori_loop(0, jnp.sum(counts > 0), expert, jnp.zeros((p + block, h), x.dtype))
     y = jnp.zeros((p, h), x.dtype).at[order].set(ys[:p]).reshape(n, k, h)
@@ -104,9 +113,12 @@ def experts_grouped(x, weights, ids, wg, wu, wd, valid=None, block: int | None =
 
 
 def grouped_block(copies: int, num_experts: int) -> int:
-    """Rows per matmul block: about the mean rows per expert (a power of two in [1, 64])."""
-    mean = max(1, copies // num_experts)
-    return min(64, 1 << (mean.bit_length() - 1))
+    """Rows per matmul block: a power of two near twice the mean rows per expert, in [1, 64].
+
+    Measured on CPU for 512 tokens, top-8 of 128 experts (mean 32 rows): blocks of 64 rows beat
+    32 (padding costs less than small-matmul inefficiency) and 128."""
+    target = max(1, 2 * copies // num_experts)
+    return min(64, 1 << (target.bit_length() - 1))
 
 
 def experts_dense(x, weights, ids, wg, wu, wd):
@@ -147,9 +159,9 @@ def pick_dispatch(num_tokens: int, cfg: DecoderConfig, impl: str = "auto", num_e
         if impl not in DISPATCH:
             raise ValueError(f"unknown moe dispatch {impl!r}; choose from {sorted(DISPATCH)} or 'auto'")
         return impl
-    if num_tokens * cfg.num_experts_per_tok <= GATHER_MAX_COPIES:
-        return "gather"
-    return "grouped" if jax.default_backend() == "cpu" else "ragged"
+    if jax.default_backend() == "cpu":
+        return "grouped"  # measured fastest on CPU from batch-1 decode (16.9 GB/s) to 512-token prefill
+    return "gather" if num_tokens * cfg.num_experts_per_tok <= GATHER_MAX_COPIES else "ragged"
 
 
 # Logical axes of the stacked expert weights; the expert-parallel path derives its specs from these.

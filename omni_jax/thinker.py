@@ -44,10 +44,10 @@ class Thinker(nn.Module):
         )
         self.norm = RMSNorm(text.rms_norm_eps, self.param_dtype)
         if not self.config.thinker.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                text.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(_INIT, ("embed", "vocab")),
-            )
+            # [V, H] like the embedding table, not Dense's [H, V]: the batch-8 decode logits matmul ran 1.9x
+            # faster on XLA:CPU with the vocab as the weight's major axis (same speed at batch 1).
+            self.lm_head = self.param("lm_head", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+                                      (text.vocab_size, text.hidden_size), self.param_dtype)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         return self.embed_tokens(tokens)
@@ -74,7 +74,7 @@ class Thinker(nn.Module):
         if self.config.thinker.tie_word_embeddings:
             logits = self.embed_tokens.attend(h_out)
         else:
-            logits = self.lm_head(h_out)
+            logits = jnp.einsum("bth,vh->btv", h_out.astype(self.dtype), self.lm_head.astype(self.dtype))
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         return ThinkerOutput(logits, x, taps[self.config.talker.accept_hidden_layer], h, cache.replace(k=k, v=v))
 

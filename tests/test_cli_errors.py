@@ -157,7 +157,7 @@ def poisoned_checkpoint(tmp_path_factory):
 
     loaded = load_model(None)
     params = {root: dict(tree) for root, tree in loaded.params.items()}
-    params["thinker"]["lm_head"] = {"kernel": np.asarray(params["thinker"]["lm_head"]["kernel"]) * np.nan}
+    params["thinker"]["lm_head"] = np.asarray(params["thinker"]["lm_head"]) * np.nan
     out = str(tmp_path_factory.mktemp("poisoned") / "ckpt")
     checkpoint.save_params(params, out, loaded.config)
     return out

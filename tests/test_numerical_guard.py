@@ -22,7 +22,7 @@ from omni_jax.talker import TalkerSampling
 
 # stage -> (path of the poisoned leaf, poison value)
 POISON = {
-    "thinker": (("thinker", "lm_head", "kernel"), np.nan),
+    "thinker": (("thinker", "lm_head"), np.nan),
     "talker": (("talker", "codec_head", "kernel"), np.nan),
     "code predictor": (("talker", "code_predictor", "lm_head"), np.nan),
     "code2wav": (("code2wav", "decoder_out", "kernel"), np.inf),

@@ -150,7 +150,7 @@ def _reference_parse(spec: str, n: int) -> dict | None:
 
 
 @FAST
-@given(st.one_of(st.text("dpte0123456789 x,:-", max_size=12),
+@given(st.one_of(st.text("dpte0123456789 x,:-\u0663\uff14", max_size=12),
                  st.lists(st.tuples(st.sampled_from(["dp", "ep", "tp", "pd", "d", "tpp", ""]),
                                     st.sampled_from(["0", "1", "2", "4", "8", "01", "", "x"])), max_size=4)
                  .map(lambda ts: "".join(a + b for a, b in ts))),
