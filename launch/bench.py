@@ -457,8 +457,9 @@ def phase_prefill(ctx: Ctx) -> dict:
         jax.block_until_ready(pre.first)
         engine.release(pre.state)
 
-    theirs = None
-    if ctx.hf is not None:
+    if ctx.hf is None:
+        theirs = None
+    else:
         import torch
 
         tids = torch.tensor([ids])
@@ -605,8 +606,9 @@ def phase_talker(ctx: Ctx) -> dict:
                                         rng=jax.random.PRNGKey(1), penalty_from=None)
         return {"s": time.perf_counter() - t0, "frames": int(talk.lengths[0])}
 
-    theirs = None
-    if ctx.hf is not None:
+    if ctx.hf is None:
+        theirs = None
+    else:
         import torch
 
         tids = torch.tensor([ctx.prompt_ids])
@@ -684,8 +686,9 @@ def phase_code2wav(ctx: Ctx) -> dict:
         wav = ctx.pipe.vocode(codes, [frames])[0]
         return {"samples": len(wav)}
 
-    theirs = None
-    if ctx.hf is not None:
+    if ctx.hf is None:
+        theirs = None
+    else:
         import torch
 
         tcodes = torch.tensor(codes, dtype=torch.long)
@@ -743,8 +746,9 @@ def phase_e2e(ctx: Ctx) -> dict:
         return {"s": time.perf_counter() - t0, "audio_s": r.audio_seconds, "tokens": len(r.token_ids),
                 "frames": int(r.codes.shape[-1]), **r.timings}
 
-    theirs = None
-    if ctx.hf is not None:
+    if ctx.hf is None:
+        theirs = None
+    else:
         import torch
 
         tids = torch.tensor([ctx.prompt_ids])
