@@ -47,9 +47,18 @@ def _ffn(h_gate, h_up):
     return nn.silu(h_gate) * h_up
 
 
+def _vary_like(x, w):
+    """An exact scalar 0 that, inside shard_map, varies over the same mesh axes as the tokens and weights.
+
+    Loop carries and cond branches must match the type of what the body computes from both; a zero
+    selected from each has their axes without touching their values (NaN-safe, unlike 0 * w)."""
+    return jnp.where(False, x[0, 0], 0) + jnp.where(False, w[0, 0, 0].astype(x.dtype), 0)
+
+
 def experts_gather(x, weights, ids, wg, wu, wd, valid=None):
     """valid [N,k] (expert-parallel shards): copies routed to other shards are skipped (lax.cond)."""
     n, k = ids.shape
+    zero = _vary_like(x, wd)
     rows = []
     for r in range(n):
         xr = x[r : r + 1]
@@ -60,7 +69,7 @@ def experts_gather(x, weights, ids, wg, wu, wd, valid=None):
             if valid is None:
                 acc = acc + weights[r, j] * y()
             else:
-                acc = acc + weights[r, j] * jax.lax.cond(valid[r, j], y, lambda xr=xr: jnp.zeros_like(xr))
+                acc = acc + weights[r, j] * jax.lax.cond(valid[r, j], y, lambda xr=xr: jnp.zeros_like(xr) + zero)
         rows.append(acc)
     return jnp.concatenate(rows, axis=0)
 
@@ -105,7 +114,7 @@ def experts_grouped(x, weights, ids, wg, wu, wd, valid=None, block: int | None =
         rest = counts[ex] - full * block
         return jax.lax.fori_loop(0, (rest + tail - 1) // tail, rows(tail, starts[ex] + full * block), ys)
 
-    ys = jax.lax.fori_loop(0, jnp.sum(counts > 0), expert, jnp.zeros((p + block, h), x.dtype))
+    ys = jax.lax.fori_loop(0, jnp.sum(counts > 0), expert, jnp.zeros((p + block, h), x.dtype) + _vary_like(x, wd))
     y = jnp.zeros((p, h), x.dtype).at[order].set(ys[:p]).reshape(n, k, h)
     if valid is not None:
         y = jnp.where(valid[..., None], y, 0)

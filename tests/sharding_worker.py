@@ -106,6 +106,7 @@ def _run_talker(config, mesh):
     if mesh is not None:
         params = sharding.place(params, parallel.talker_param_shardings(config, mesh))
     gen = talker.TalkerGenerator(config, mesh=mesh)
+    params = gen.prepare_params(params)  # unrolled layers on one CPU device, the scanned tree under a mesh
     sampling = talker.TalkerSampling.greedy()
     state, _ = gen.start(params, inputs, 6, sampling)
     out = gen.generate(params, inputs, 6, sampling)
