@@ -117,25 +117,20 @@ class DecoderStack(nn.Module):
             taps[0] = x
         carry = (x, cache_k, cache_v, jnp.zeros((), jnp.int32))
         for seg in segments(cfg, self.taps):
+            args = (cfg, seg.sparse, self.dtype, self.param_dtype, self.moe_impl)
             if self.unroll:
                 for i in range(seg.start, seg.start + seg.count):
-                    carry, _ = DecoderLayer(cfg, seg.sparse, self.dtype, self.param_dtype, self.moe_impl,
-                                            name=layer_name(i))(carry, cos, sin, start)
-                end = seg.start + seg.count
-                if end in self.taps:
-                    taps[end] = carry[0]
-                continue
-            scanned = nn.scan(
-                DecoderLayer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=seg.count,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            carry, _ = scanned(cfg, seg.sparse, self.dtype, self.param_dtype, self.moe_impl, name=seg.name)(
-                carry, cos, sin, start
-            )
+                    carry, _ = DecoderLayer(*args, name=layer_name(i))(carry, cos, sin, start)
+            else:
+                scanned = nn.scan(
+                    DecoderLayer,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=seg.count,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
+                carry, _ = scanned(*args, name=seg.name)(carry, cos, sin, start)
             end = seg.start + seg.count
             if end in self.taps:
                 taps[end] = carry[0]
