@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from omni_jax.attention import Attention
 from omni_jax.config import DecoderConfig
 from omni_jax.mlp import GatedMLP
+from omni_jax import moe
 from omni_jax.moe import SparseMoE
 from omni_jax.norm import RMSNorm
 from omni_jax.rope import rope_cos_sin
@@ -143,18 +144,23 @@ def layer_name(i: int) -> str:
     return f"layer_{i}"
 
 
-def unstack_layers(stack: Mapping[str, Any], cfg: DecoderConfig, taps: Sequence[int] = ()) -> dict[str, Any]:
+def unstack_layers(stack: Mapping[str, Any], cfg: DecoderConfig, taps: Sequence[int] = (),
+                   split_experts: bool = False) -> dict[str, Any]:
     """Scanned DecoderStack params ({segment: leaves [count, ...]}) -> unrolled ({layer_<i>: leaves}).
 
-    Already-unrolled params are returned unchanged, so callers may pass either layout."""
-    if layer_name(0) in stack:
-        return dict(stack)
+    split_experts: also give every MoE expert its own (transposed) arrays, `moe.split_experts`.
+    Already-unrolled params are returned unchanged (their experts split if asked), so callers may
+    pass either layout."""
+    split = moe.split_experts if split_experts else dict
     out: dict[str, Any] = {}
-    for seg in segments(cfg, taps):
-        tree = stack[seg.name]
-        for j in range(seg.count):
-            out[layer_name(seg.start + j)] = jax.tree.map(lambda a, j=j: a[j], tree)
-    return out
+    if layer_name(0) in stack:
+        out = dict(stack)
+    else:
+        for seg in segments(cfg, taps):
+            tree = stack[seg.name]
+            for j in range(seg.count):
+                out[layer_name(seg.start + j)] = jax.tree.map(lambda a, j=j: a[j], tree)
+    return {name: {**layer, "mlp": split(layer["mlp"])} for name, layer in out.items()}
 
 
 def unroll_default(mesh: Any = None) -> bool:

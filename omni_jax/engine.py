@@ -393,7 +393,7 @@ class ThinkerEngine:
         self.loop = loop
         self.unroll_layers = unroll_default(mesh) if unroll_layers is None else bool(unroll_layers)
         if self.unroll_layers:
-            self.params = unroll_layer_params(config, params)
+            self.params = unroll_layer_params(config, params, split_experts=moe_impl in ("auto", "split"))
         self.model = Thinker(config, dtype=dtype, param_dtype=dtype, moe_impl=moe_impl,
                              unroll_layers=self.unroll_layers)
         common = dict(model=self.model)

@@ -185,10 +185,11 @@ def init_params(config: OmniConfig, rng: jax.Array, dtype=jnp.float32):
     return nn.unbox(jax.jit(lambda r: model.init(r, *_init_args(config)))(rng)["params"])
 
 
-def unroll_layer_params(config: OmniConfig, params: dict) -> dict:
-    """Talker params for `Talker(unroll_layers=True)`: talker and code-predictor stacks unstacked."""
+def unroll_layer_params(config: OmniConfig, params: dict, split_experts: bool = True) -> dict:
+    """Talker params for `Talker(unroll_layers=True)`: talker and code-predictor stacks unstacked (and,
+    by default, every talker expert in its own arrays: `omni_jax.moe.split_experts`)."""
     tk = config.talker
-    model = {**params["model"], "layers": unstack_layers(params["model"]["layers"], tk.text)}
+    model = {**params["model"], "layers": unstack_layers(params["model"]["layers"], tk.text, (), split_experts)}
     cp = {**params["code_predictor"],
           "layers": unstack_layers(params["code_predictor"]["layers"], tk.code_predictor)}
     return {**params, "model": model, "code_predictor": cp}
@@ -612,6 +613,7 @@ class TalkerGenerator:
         from `prepare_params` (see omni_jax.decoder for why)."""
         self.config = config
         self.dtype = jnp.dtype(dtype)
+        self.moe_impl = moe_impl
         self.unroll_layers = unroll_default(mesh) if unroll_layers is None else bool(unroll_layers)
         self.model = Talker(config, self.dtype, self.dtype, moe_impl, self.unroll_layers)
         donate = jax.default_backend() != "cpu"  # XLA:CPU cannot donate; avoid a warning per call
@@ -635,7 +637,9 @@ class TalkerGenerator:
 
     def prepare_params(self, params: dict) -> dict:
         """The checkpoint's (scanned) talker params in the layout this generator's model reads."""
-        return unroll_layer_params(self.config, params) if self.unroll_layers else params
+        if not self.unroll_layers:
+            return params
+        return unroll_layer_params(self.config, params, split_experts=self.moe_impl in ("auto", "split"))
 
     def _check_layout(self, params: dict) -> None:
         unrolled = layer_name(0) in params["model"]["layers"]

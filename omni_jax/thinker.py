@@ -106,7 +106,9 @@ def init_params(config: OmniConfig, rng: jax.Array, dtype=jnp.float32):
     return nn.unbox(jax.jit(lambda r: model.init(r, *_init_args(config)))(rng)["params"])
 
 
-def unroll_layer_params(config: OmniConfig, params: dict) -> dict:
-    """Thinker params for `Thinker(unroll_layers=True)`: the same tree with the layer stack unstacked."""
-    stack = unstack_layers(params["layers"], config.thinker.text, (config.talker.accept_hidden_layer,))
+def unroll_layer_params(config: OmniConfig, params: dict, split_experts: bool = True) -> dict:
+    """Thinker params for `Thinker(unroll_layers=True)`: the same tree with the layer stack unstacked
+    (and, by default, every expert in its own arrays: `omni_jax.moe.split_experts`)."""
+    stack = unstack_layers(params["layers"], config.thinker.text, (config.talker.accept_hidden_layer,),
+                           split_experts)
     return {**params, "layers": stack}

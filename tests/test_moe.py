@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omni_jax.moe import DISPATCH, experts_dense, experts_grouped, route
+from omni_jax.config import load_config
+from omni_jax.moe import DISPATCH, SparseMoE, experts_dense, experts_grouped, experts_split, route, split_experts
 
 E, H, I, K = 16, 32, 24, 4
 
@@ -53,3 +54,34 @@ def test_grouped_blocks_overrunning_experts(weights, block):
     ref = experts_dense(x, w, ids, wg, wu, wd)
     got = jax.jit(lambda *a: experts_grouped(*a, block=block))(x, w, ids, wg, wu, wd)
     assert _rel(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("block", [None, 1, 2, 8, 64])
+@pytest.mark.parametrize("n", [1, 3, 29])
+def test_split_experts_equal_dense(weights, n, block):
+    """Per-expert transposed arrays (the single-CPU layout) through lax.switch: same result as dense."""
+    x, w, ids, _, wg, wu, wd = _case(weights, n, 11 + n)
+    split = split_experts({"gate_proj": wg, "up_proj": wu, "down_proj": wd})
+    assert len(split["gate_proj"]) == E and split["gate_proj"][3].shape == (I, H)
+    np.testing.assert_array_equal(split["gate_proj"][3], wg[3].T)
+    np.testing.assert_array_equal(split["down_proj"][5], wd[5].T)
+    assert split_experts(split) == split  # idempotent
+    ref = experts_dense(x, w, ids, wg, wu, wd)
+    got = jax.jit(lambda x, w, ids, *s: experts_split(x, w, ids, *s, block=block))(
+        x, w, ids, split["gate_proj"], split["up_proj"], split["down_proj"])
+    assert _rel(got, ref) < 1e-6
+
+
+def test_sparse_moe_module_reads_split_params():
+    """SparseMoE applied to split params gives what it gives on the stacked ones; other dispatches refuse them."""
+    cfg = load_config("tiny").talker.text  # has a shared expert too
+    mod = SparseMoE(cfg)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, cfg.hidden_size)), jnp.float32)
+    params = jax.tree.map(lambda a: a.unbox() if hasattr(a, "unbox") else a, mod.init(jax.random.PRNGKey(0), x)["params"],
+                          is_leaf=lambda a: hasattr(a, "unbox"))
+    ref = mod.apply({"params": params}, x)
+    split = split_experts(params)
+    got = mod.apply({"params": split}, x)
+    assert _rel(got, ref) < 1e-6
+    with pytest.raises(ValueError, match="split expert params run only the 'split' dispatch"):
+        SparseMoE(cfg, impl="dense").apply({"params": split}, x)
