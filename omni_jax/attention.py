@@ -42,7 +42,7 @@ class Attention(nn.Module):
     New keys/values for T tokens are written at cache rows start[b] .. start[b]+T-1 of layer
     `layer`, then queries attend over the whole layer buffer with a causal (and optional
     sliding-window) mask; stale entries past a row's position are masked, so the cache never
-    needs clearing.
+    needs clearing. `fresh_cache` skips reading the buffer back when nothing before `start` exists.
     """
 
     num_heads: int
@@ -54,6 +54,9 @@ class Attention(nn.Module):
     sliding_window: int | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    # The cache holds nothing this call may see (start == 0 for every row, e.g. a prompt's prefill):
+    # attend over this call's keys only, [T, T] scores instead of [T, max_len].
+    fresh_cache: bool = False
 
     def _proj(self, heads: int, axis_name: str, name: str) -> nn.DenseGeneral:
         return nn.DenseGeneral(
@@ -87,9 +90,13 @@ class Attention(nn.Module):
         # Pin the cache layout (rules table) so GSPMD never re-shards / all-gathers the whole buffer.
         cache_k = constrain(kv_cache.write_layer(cache_k, layer, k, start), kv_cache.CACHE_AXES)
         cache_v = constrain(kv_cache.write_layer(cache_v, layer, v, start), kv_cache.CACHE_AXES)
-        keys = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(self.dtype)
-        values = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(self.dtype)
         q_pos = start[:, None] + jnp.arange(x.shape[1])[None, :]
+        if self.fresh_cache:  # the keys as the cache stores them, without reading the cache back
+            keys, values = (a.astype(cache_k.dtype).astype(self.dtype) for a in (k, v))
+            q_pos = jnp.broadcast_to(jnp.arange(x.shape[1])[None, :], q_pos.shape)
+        else:
+            keys = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(self.dtype)
+            values = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(self.dtype)
         mask = attention_mask(q_pos, keys.shape[1], self.sliding_window)
         out = dot_attention(q, keys, values, mask, self.head_dim**-0.5)
         out = nn.DenseGeneral(

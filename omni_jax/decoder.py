@@ -72,6 +72,7 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     moe_impl: str = "auto"
     sliding_window: int | None = None
+    fresh_cache: bool = False  # see Attention
 
     @nn.compact
     def __call__(self, carry, cos, sin, start):
@@ -80,7 +81,8 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
         attn, cache_k, cache_v = Attention(
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
-            cfg.use_qk_norm, cfg.attention_bias, self.sliding_window, self.dtype, self.param_dtype, name="self_attn",
+            cfg.use_qk_norm, cfg.attention_bias, self.sliding_window, self.dtype, self.param_dtype,
+            fresh_cache=self.fresh_cache, name="self_attn",
         )(h, cos, sin, cache_k, cache_v, layer, start)
         x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
@@ -101,6 +103,7 @@ class DecoderStack(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     moe_impl: str = "auto"
     unroll: bool = False
+    fresh_cache: bool = False  # every row starts at cache row 0 with nothing before it (see Attention)
 
     @nn.compact
     def __call__(
@@ -121,7 +124,8 @@ class DecoderStack(nn.Module):
             args = (cfg, seg.sparse, self.dtype, self.param_dtype, self.moe_impl)
             if self.unroll:
                 for i in range(seg.start, seg.start + seg.count):
-                    carry, _ = DecoderLayer(*args, name=layer_name(i))(carry, cos, sin, start)
+                    carry, _ = DecoderLayer(*args, fresh_cache=self.fresh_cache, name=layer_name(i))(
+                        carry, cos, sin, start)
             else:
                 scanned = nn.scan(
                     DecoderLayer,
@@ -131,7 +135,7 @@ class DecoderStack(nn.Module):
                     length=seg.count,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                 )
-                carry, _ = scanned(*args, name=seg.name)(carry, cos, sin, start)
+                carry, _ = scanned(*args, fresh_cache=self.fresh_cache, name=seg.name)(carry, cos, sin, start)
             end = seg.start + seg.count
             if end in self.taps:
                 taps[end] = carry[0]

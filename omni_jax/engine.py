@@ -107,15 +107,20 @@ def prefill(
     model: Thinker,
     sampling: SamplingParams,
     collect_hidden: bool = False,
+    fresh: bool = False,
 ) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Run right-padded prompts tokens [B, T] (true lengths [B]) from cache row cache.lengths; sample token 1.
 
     positions [3, B, T] / embeds [B, T, H] override the text M-RoPE positions / token embeddings
-    (multimodal prompts). Returns (state, first tokens [B], any row still pending []).
+    (multimodal prompts). fresh: the cache is empty (every row starts at row 0), so attention reads only
+    the prompt's own keys ([T, T] scores, not [T, max_len]). Returns (state, first tokens [B], any row
+    still pending []).
     """
     b, t = tokens.shape
     s = cache.max_len
-    start = cache.lengths
+    start = jnp.zeros_like(cache.lengths) if fresh else cache.lengths
+    if fresh:
+        model = model.clone(fresh_cache=True)
     if positions is None:
         positions = text_positions(start, t)
     out = model.apply({"params": params}, tokens, positions, cache, start, embeds, logits_index=lengths - 1)
@@ -405,7 +410,9 @@ class ThinkerEngine:
 
             self.params = sharding.place(params, parallel.thinker_param_shardings(config, mesh))
             jit = functools.partial(parallel.sharded_jit, mesh=mesh)
-        self.prefill_fn = jit(functools.partial(prefill, **common), static_argnames=statics, donate_argnums=(1,))
+        # start() always hands prefill an emptied cache
+        self.prefill_fn = jit(functools.partial(prefill, fresh=True, **common), static_argnames=statics,
+                              donate_argnums=(1,))
         self.decode_fn = jit(
             functools.partial(decode_step, **common), static_argnames=statics, donate_argnums=(1,)
         )

@@ -31,6 +31,7 @@ class Thinker(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     moe_impl: str = "auto"
     unroll_layers: bool = False  # params from `unroll_layer_params` (omni_jax.decoder: why)
+    fresh_cache: bool = False  # calls start at cache row 0 of an empty cache (omni_jax.attention: why)
 
     def setup(self):
         text = self.config.thinker.text
@@ -40,7 +41,7 @@ class Thinker(nn.Module):
         )
         self.layers = DecoderStack(
             text, (self.config.talker.accept_hidden_layer,), self.dtype, self.param_dtype, self.moe_impl,
-            self.unroll_layers,
+            self.unroll_layers, self.fresh_cache,
         )
         self.norm = RMSNorm(text.rms_norm_eps, self.param_dtype)
         if not self.config.thinker.tie_word_embeddings:

@@ -236,6 +236,32 @@ def test_chunked_prefill_compiles_once_per_chunk_size(base):
         ThinkerEngine(config, warm.params, max_len=64, prefill_chunk=0)
 
 
+def test_fresh_prefill_equals_reading_the_cache(base):
+    """prefill(fresh=True) (the engine's: attention over the prompt's own keys, [T, T]) matches attending
+    over the whole emptied cache buffer ([T, max_len], stale rows masked) on ragged rows."""
+    import functools
+
+    from omni_jax import engine as eng
+
+    _, engine, config = base
+    tokens = np.zeros((2, 16), np.int32)
+    tokens[0, :9], tokens[1, :3] = PROMPTS[1], PROMPTS[2]
+    lengths = np.array([9, 3], np.int32)
+    args = (tokens, lengths, jax.random.PRNGKey(0), np.int32(4), np.array([-1], np.int32))
+    outs = []
+    for fresh in (False, True):
+        fn = jax.jit(functools.partial(eng.prefill, model=engine.model, sampling=GREEDY, collect_hidden=True,
+                                       fresh=fresh))
+        cache = init_cache(config, 2, 64)
+        cache = cache.replace(k=cache.k + 7.0, v=cache.v - 3.0)  # stale garbage past each row's length
+        outs.append(fn(engine.params, cache, *args))
+    (ref, ref_first, _), (got, first, _) = outs
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(ref_first))
+    np.testing.assert_array_equal(np.asarray(got.cache.lengths), np.asarray(ref.cache.lengths))
+    for a, b in ((got.cache.k, ref.cache.k), (got.cache.v, ref.cache.v), (got.accept_hidden, ref.accept_hidden)):
+        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-5  # fp32 summation order only
+
+
 def test_prefill_accepts_explicit_positions_and_embeds(base):
     """Multimodal entry point: explicit M-RoPE positions/embeddings; shifted positions set rope_deltas."""
     _, engine, config = base
