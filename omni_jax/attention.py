@@ -25,14 +25,14 @@ def attention_mask(q_pos: jax.Array, kv_len: int, sliding_window: int | None = N
 
 
 def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """q [B,T,N,D], k/v [B,S,K,D] with N = K*G; softmax in float32 like the reference."""
+    """q [B,T,N,D], k/v [B,K,S,D] (the KV cache's layout) with N = K*G; softmax in float32 like the reference."""
     b, t, n, d = q.shape
-    kh = k.shape[2]
+    kh = k.shape[1]
     q = q.reshape(b, t, kh, n // kh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, n, d)
 
 
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         layer: jax.Array,
         start: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B,T,H]; cos/sin [B,T,D]; cache_* [L,B,S,K,D]; layer scalar; start [B]. Returns (out, cache_k, cache_v)."""
+        """x [B,T,H]; cos/sin [B,T,D]; cache_* [L,B,K,S,D]; layer scalar; start [B]. Returns (out, cache_k, cache_v)."""
         q = self._proj(self.num_heads, "heads", "q_proj")(x)
         k = self._proj(self.num_kv_heads, "kv_heads", "k_proj")(x)
         v = self._proj(self.num_kv_heads, "kv_heads", "v_proj")(x)
@@ -92,12 +92,12 @@ class Attention(nn.Module):
         cache_v = constrain(kv_cache.write_layer(cache_v, layer, v, start), kv_cache.CACHE_AXES)
         q_pos = start[:, None] + jnp.arange(x.shape[1])[None, :]
         if self.fresh_cache:  # the keys as the cache stores them, without reading the cache back
-            keys, values = (a.astype(cache_k.dtype).astype(self.dtype) for a in (k, v))
+            keys, values = (a.swapaxes(1, 2).astype(cache_k.dtype).astype(self.dtype) for a in (k, v))
             q_pos = jnp.broadcast_to(jnp.arange(x.shape[1])[None, :], q_pos.shape)
         else:
             keys = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(self.dtype)
             values = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(self.dtype)
-        mask = attention_mask(q_pos, keys.shape[1], self.sliding_window)
+        mask = attention_mask(q_pos, keys.shape[2], self.sliding_window)
         out = dot_attention(q, keys, values, mask, self.head_dim**-0.5)
         out = nn.DenseGeneral(
             x.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,

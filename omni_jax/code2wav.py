@@ -229,7 +229,7 @@ class SlidingAttention(nn.Module):
         k = apply_rope(proj(cfg.num_key_value_heads, "kv_heads", "k_proj")(x), cos, sin)
         v = proj(cfg.num_key_value_heads, "kv_heads", "v_proj")(x)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
-        out = dot_attention(q, k, v, mask, cfg.head_dim**-0.5)
+        out = dot_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, cfg.head_dim**-0.5)
         return nn.DenseGeneral(
             x.shape[-1], axis=(-2, -1), use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(_INIT, ("heads", "head_dim", "embed")),

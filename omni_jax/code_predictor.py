@@ -71,7 +71,7 @@ class CodePredictor(nn.Module):
 
 def frame_cache(cfg: DecoderConfig, batch: int, num_code_groups: int, dtype) -> tuple[jax.Array, jax.Array]:
     """Static K/V buffers for one frame: positions 0..G-1 (hidden, code 0, codes 1..G-2 as inputs)."""
-    shape = (cfg.num_hidden_layers, batch, num_code_groups, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, num_code_groups, cfg.head_dim)  # kv_cache layout
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 

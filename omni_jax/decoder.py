@@ -15,7 +15,7 @@ and accelerator runs keep the scan.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, MutableMapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -148,23 +148,31 @@ def layer_name(i: int) -> str:
     return f"layer_{i}"
 
 
-def unstack_layers(stack: Mapping[str, Any], cfg: DecoderConfig, taps: Sequence[int] = (),
-                   split_experts: bool = False) -> dict[str, Any]:
+def unstack_layers(stack: MutableMapping[str, Any], cfg: DecoderConfig, taps: Sequence[int] = (),
+                   split_experts: bool = False, consume: bool = False) -> dict[str, Any]:
     """Scanned DecoderStack params ({segment: leaves [count, ...]}) -> unrolled ({layer_<i>: leaves}).
 
-    split_experts: also give every MoE expert its own (transposed) arrays, `moe.split_experts`.
-    Already-unrolled params are returned unchanged (their experts split if asked), so callers may
-    pass either layout."""
+    split_experts: also give every MoE expert its own (transposed) arrays, `moe.split_experts`, cut
+    straight from the stack. consume: pop each segment from `stack` once converted, so (when nothing
+    else holds it) its memory is freed before the next one is copied: the peak is one segment above the
+    params, not twice the params. Already-unrolled params are returned unchanged (their experts split
+    if asked), so callers may pass either layout."""
     split = moe.split_experts if split_experts else dict
-    out: dict[str, Any] = {}
     if layer_name(0) in stack:
-        out = dict(stack)
-    else:
-        for seg in segments(cfg, taps):
-            tree = stack[seg.name]
-            for j in range(seg.count):
-                out[layer_name(seg.start + j)] = jax.tree.map(lambda a, j=j: a[j], tree)
-    return {name: {**layer, "mlp": split(layer["mlp"])} for name, layer in out.items()}
+        return {name: {**layer, "mlp": split(layer["mlp"])} for name, layer in stack.items()}
+    out: dict[str, Any] = {}
+    for seg in segments(cfg, taps):
+        tree = stack.pop(seg.name) if consume else stack[seg.name]
+        for j in range(seg.count):
+            if split_experts and moe.is_stacked_experts(tree["mlp"], stacked_dims=4):
+                rest = {**tree, "mlp": moe.non_expert_params(tree["mlp"])}
+                layer = jax.tree.map(lambda a, j=j: a[j], rest)
+                layer["mlp"] = {**moe.split_experts(tree["mlp"], layer=j), **layer["mlp"]}
+            else:
+                layer = jax.tree.map(lambda a, j=j: a[j], tree)
+            out[layer_name(seg.start + j)] = layer
+        del tree
+    return out
 
 
 def unroll_default(mesh: Any = None) -> bool:

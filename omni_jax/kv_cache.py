@@ -1,8 +1,10 @@
 """Static-shape KV cache: one stacked buffer per decoder stack, written in place.
 
-Layout [layers, batch, max_len, kv_heads, head_dim]. Shapes never change during generation,
-so prefill and decode compile once per (batch, max_len); the buffers are donated by the
-compiled steps so XLA updates them in place.
+Layout [layers, batch, kv_heads, max_len, head_dim]: each (row, head) is one contiguous [max_len,
+head_dim] block, which is what attention's batched matmuls read (batch dims leading); with the
+length axis before the heads, XLA:CPU copied (transposed) the whole layer's buffer at every decode
+step. Shapes never change during generation, so prefill and decode compile once per (batch,
+max_len); the buffers are donated by the compiled steps so XLA updates them in place.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "cache_length", "head_dim")
 
 
 @flax.struct.dataclass
@@ -22,7 +24,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
@@ -30,12 +32,12 @@ class KVCache:
 
     @classmethod
     def create(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
-        shape = (layers, batch, max_len, kv_heads, head_dim)
+        shape = (layers, batch, kv_heads, max_len, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
     @classmethod
     def abstract(cls, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
-        shape = (layers, batch, max_len, kv_heads, head_dim)
+        shape = (layers, batch, kv_heads, max_len, head_dim)
         return cls(
             k=jax.ShapeDtypeStruct(shape, dtype),
             v=jax.ShapeDtypeStruct(shape, dtype),
@@ -48,8 +50,9 @@ class KVCache:
 
 
 def write_layer(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Scatter new [B, T, N, D] into buf[layer, b, start[b]:start[b]+T]; writes past max_len are dropped."""
+    """Scatter new [B, T, N, D] into buf[layer, b, :, start[b]:start[b]+T]; writes past max_len are dropped."""
     b, t = new.shape[:2]
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     cols = start[:, None] + jnp.arange(t)[None, :]
-    return buf.at[layer, rows, cols].set(new.astype(buf.dtype), mode="drop")
+    # Advanced indices split by a slice: the indexed view is [B, T, N, D], new's own layout.
+    return buf.at[layer, rows, :, cols].set(new.astype(buf.dtype), mode="drop")

@@ -161,23 +161,35 @@ def experts_split(x, weights, ids, gs, us, ds, block: int | None = None):
                          lambda ex: functools.partial(jax.lax.switch, ex, branches), 0)
 
 
-def split_experts(mlp: Mapping[str, Any]) -> dict[str, Any]:
+_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def split_experts(mlp: Mapping[str, Any], layer: int | None = None) -> dict[str, Any]:
     """A SparseMoE's params with the stacked experts as one array per expert, transposed to [out, in].
 
     Why (single CPU device): XLA:CPU copies any slice of a stacked weight before a matmul, and its
     YNNPACK dots ran 12-27% faster with the weight's contracted dim last (from one row to 32-row
-    blocks at the real widths). Already-split (or dense-MLP) params are returned unchanged."""
-    if not _is_stacked(mlp.get("gate_proj")):
+    blocks at the real widths). layer: take layer `layer` of a scanned stack ([layers, E, ...]) without
+    copying the whole layer first. Already-split (or dense-MLP) params are returned unchanged."""
+    if not is_stacked_experts(mlp, stacked_dims=3 if layer is None else 4):
         return dict(mlp)
-    return {**mlp, **{n: _unstack_t(mlp[n]) for n in ("gate_proj", "up_proj", "down_proj")}}
+    return {**mlp, **{n: _unstack_t(mlp[n], 0 if layer is None else layer) for n in _EXPERT_NAMES}}
 
 
-def _is_stacked(w) -> bool:
-    return hasattr(w, "ndim") and w.ndim == 3
+def is_stacked_experts(mlp: Mapping[str, Any], stacked_dims: int = 3) -> bool:
+    w = mlp.get("gate_proj")
+    return hasattr(w, "ndim") and w.ndim == stacked_dims
+
+
+def non_expert_params(mlp: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in mlp.items() if k not in _EXPERT_NAMES}
 
 
 @jax.jit
-def _unstack_t(w):
+def _unstack_t(w, layer):
+    """w [E, a, b] or [layers, E, a, b] (then layer `layer`, traced: one compile per shape) -> E arrays [b, a]."""
+    if w.ndim == 4:
+        w = jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
     return tuple(w[e].T for e in range(w.shape[0]))
 
 

@@ -24,6 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax import code2wav as c2w
+from omni_jax import talker as talker_lib
+from omni_jax import thinker as thinker_lib
+from omni_jax.decoder import unroll_default
 from omni_jax.engine import GenerationResult, ThinkerEngine
 from omni_jax.errors import NumericalError, UsageError
 from omni_jax.loading import LoadedModel, load_model
@@ -119,8 +122,14 @@ class OmniPipeline:
              prefill_chunk: int | None = None) -> "OmniPipeline":
         """`checkpoint`: an Orbax dir written by launch/convert.py; None = the tiny default with random weights.
         With a mesh, params are restored straight into their shardings."""
-        return cls(load_model(checkpoint, dtype, config, mesh=mesh), max_len=max_len, buckets=buckets,
-                   moe_impl=moe_impl, mesh=mesh, prefill_chunk=prefill_chunk)
+        loaded = load_model(checkpoint, dtype, config, mesh=mesh)
+        if unroll_default(mesh):  # nothing else holds these params: convert them in place, segment by segment
+            split = moe_impl in ("auto", "split")
+            params = loaded.params
+            params["thinker"] = thinker_lib.unroll_layer_params(loaded.config, params["thinker"], split, consume=True)
+            if "talker" in params:
+                params["talker"] = talker_lib.unroll_layer_params(loaded.config, params["talker"], split, consume=True)
+        return cls(loaded, max_len=max_len, buckets=buckets, moe_impl=moe_impl, mesh=mesh, prefill_chunk=prefill_chunk)
 
     @property
     def random_weights(self) -> bool:

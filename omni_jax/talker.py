@@ -185,13 +185,15 @@ def init_params(config: OmniConfig, rng: jax.Array, dtype=jnp.float32):
     return nn.unbox(jax.jit(lambda r: model.init(r, *_init_args(config)))(rng)["params"])
 
 
-def unroll_layer_params(config: OmniConfig, params: dict, split_experts: bool = True) -> dict:
+def unroll_layer_params(config: OmniConfig, params: dict, split_experts: bool = True, consume: bool = False) -> dict:
     """Talker params for `Talker(unroll_layers=True)`: talker and code-predictor stacks unstacked (and,
-    by default, every talker expert in its own arrays: `omni_jax.moe.split_experts`)."""
+    by default, every talker expert in its own arrays: `omni_jax.moe.split_experts`). consume: empty
+    the input's layer stacks segment by segment as it goes (`decoder.unstack_layers`)."""
     tk = config.talker
-    model = {**params["model"], "layers": unstack_layers(params["model"]["layers"], tk.text, (), split_experts)}
+    model = {**params["model"],
+             "layers": unstack_layers(params["model"]["layers"], tk.text, (), split_experts, consume)}
     cp = {**params["code_predictor"],
-          "layers": unstack_layers(params["code_predictor"]["layers"], tk.code_predictor)}
+          "layers": unstack_layers(params["code_predictor"]["layers"], tk.code_predictor, (), False, consume)}
     return {**params, "model": model, "code_predictor": cp}
 
 

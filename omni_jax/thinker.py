@@ -107,9 +107,10 @@ def init_params(config: OmniConfig, rng: jax.Array, dtype=jnp.float32):
     return nn.unbox(jax.jit(lambda r: model.init(r, *_init_args(config)))(rng)["params"])
 
 
-def unroll_layer_params(config: OmniConfig, params: dict, split_experts: bool = True) -> dict:
+def unroll_layer_params(config: OmniConfig, params: dict, split_experts: bool = True, consume: bool = False) -> dict:
     """Thinker params for `Thinker(unroll_layers=True)`: the same tree with the layer stack unstacked
-    (and, by default, every expert in its own arrays: `omni_jax.moe.split_experts`)."""
+    (and, by default, every expert in its own arrays: `omni_jax.moe.split_experts`). consume: empty
+    params["layers"] segment by segment as it goes (`decoder.unstack_layers`)."""
     stack = unstack_layers(params["layers"], config.thinker.text, (config.talker.accept_hidden_layer,),
-                           split_experts)
+                           split_experts, consume)
     return {**params, "layers": stack}
