@@ -128,6 +128,8 @@ def _grouped_loop(x, weights, ids, valid, num_experts: int, block: int | None, e
         # Full blocks, then the remainder in quarter blocks: less padding than rounding up to `block`.
         full = counts[ex] // block
         ys = jax.lax.fori_loop(0, full, rows(block, starts[ex]), ys)
+        if tail == block:  # blocks of one row (decode): no remainder, and half the code to compile
+            return ys
         rest = counts[ex] - full * block
         return jax.lax.fori_loop(0, (rest + tail - 1) // tail, rows(tail, starts[ex] + full * block), ys)
 

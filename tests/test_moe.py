@@ -85,3 +85,40 @@ def test_sparse_moe_module_reads_split_params():
     assert _rel(got, ref) < 1e-6
     with pytest.raises(ValueError, match="split expert params run only the 'split' dispatch"):
         SparseMoE(cfg, impl="dense").apply({"params": split}, x)
+
+
+def test_unstack_layers_splits_experts_and_consumes_segments():
+    """Scanned thinker-style params -> unrolled layers with split experts, cut straight from the stack;
+    consume=True empties the input as it goes and gives the same arrays."""
+    from omni_jax.decoder import layer_name, segments, unstack_layers
+
+    cfg = load_config("tiny").thinker.text
+    rng = np.random.default_rng(5)
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    stack = {}
+    for seg in segments(cfg, (1,)):
+        n = seg.count
+        mlp = {"router": rng.standard_normal((n, h, e)), "gate_proj": rng.standard_normal((n, e, h, i)),
+               "up_proj": rng.standard_normal((n, e, h, i)), "down_proj": rng.standard_normal((n, e, i, h))}
+        stack[seg.name] = {"mlp": {k: jnp.asarray(v, jnp.float32) for k, v in mlp.items()},
+                           "input_layernorm": {"scale": jnp.asarray(rng.standard_normal((n, h)), jnp.float32)}}
+    keep = unstack_layers(stack, cfg, (1,), split_experts=True)
+    names = [seg.name for seg in segments(cfg, (1,))]
+    assert sorted(stack) == sorted(names)  # not consumed
+    for seg in segments(cfg, (1,)):
+        for j in range(seg.count):
+            layer = keep[layer_name(seg.start + j)]
+            src = stack[seg.name]
+            np.testing.assert_array_equal(layer["mlp"]["router"], src["mlp"]["router"][j])
+            np.testing.assert_array_equal(layer["input_layernorm"]["scale"], src["input_layernorm"]["scale"][j])
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                assert len(layer["mlp"][name]) == e
+                for x in (0, e - 1):
+                    np.testing.assert_array_equal(layer["mlp"][name][x], src["mlp"][name][j, x].T)
+    eaten = unstack_layers(dict(stack), cfg, (1,), split_experts=True, consume=True)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), eaten, keep))
+    owned = dict(stack)
+    unstack_layers(owned, cfg, (1,), split_experts=True, consume=True)
+    assert owned == {}
+    again = unstack_layers(keep, cfg, (1,), split_experts=True)  # already unrolled and split: the same arrays
+    assert jax.tree.all(jax.tree.map(lambda a, b: a is b, again, keep))
