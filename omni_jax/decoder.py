@@ -21,10 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omni_jax import moe
 from omni_jax.attention import Attention
 from omni_jax.config import DecoderConfig
 from omni_jax.mlp import GatedMLP
-from omni_jax import moe
 from omni_jax.moe import SparseMoE
 from omni_jax.norm import RMSNorm
 from omni_jax.rope import rope_cos_sin
@@ -165,9 +165,8 @@ def unstack_layers(stack: MutableMapping[str, Any], cfg: DecoderConfig, taps: Se
         tree = stack.pop(seg.name) if consume else stack[seg.name]
         for j in range(seg.count):
             if split_experts and moe.is_stacked_experts(tree["mlp"], stacked_dims=4):
-                rest = {**tree, "mlp": moe.non_expert_params(tree["mlp"])}
-                layer = jax.tree.map(lambda a, j=j: a[j], rest)
-                layer["mlp"] = {**moe.split_experts(tree["mlp"], layer=j), **layer["mlp"]}
+                layer = jax.tree.map(lambda a, j=j: a[j], {**tree, "mlp": moe.non_expert_params(tree["mlp"])})
+                layer["mlp"].update(moe.split_expert_weights(tree["mlp"], layer=j))
             else:
                 layer = jax.tree.map(lambda a, j=j: a[j], tree)
             out[layer_name(seg.start + j)] = layer

@@ -168,16 +168,19 @@ def experts_split(x, weights, ids, gs, us, ds, block: int | None = None):
 _EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
-def split_experts(mlp: Mapping[str, Any], layer: int | None = None) -> dict[str, Any]:
+def split_experts(mlp: Mapping[str, Any]) -> dict[str, Any]:
     """A SparseMoE's params with the stacked experts as one array per expert, transposed to [out, in].
 
     Why (single CPU device): XLA:CPU copies any slice of a stacked weight before a matmul, and its
     YNNPACK dots ran 12-27% faster with the weight's contracted dim last (from one row to 32-row
-    blocks at the real widths). layer: take layer `layer` of a scanned stack ([layers, E, ...]) without
-    copying the whole layer first. Already-split (or dense-MLP) params are returned unchanged."""
-    if not is_stacked_experts(mlp, stacked_dims=3 if layer is None else 4):
-        return dict(mlp)
-    return {**mlp, **{n: _unstack_t(mlp[n], 0 if layer is None else layer) for n in _EXPERT_NAMES}}
+    blocks at the real widths). Already-split (or dense-MLP) params are returned unchanged."""
+    return {**mlp, **split_expert_weights(mlp)} if is_stacked_experts(mlp) else dict(mlp)
+
+
+def split_expert_weights(mlp: Mapping[str, Any], layer: int | None = None) -> dict[str, tuple]:
+    """Just the split gate/up/down entries; layer: cut layer `layer` of a scanned stack ([layers, E, ...])
+    without copying the whole layer first."""
+    return {n: _unstack_t(mlp[n], 0 if layer is None else layer) for n in _EXPERT_NAMES}
 
 
 def is_stacked_experts(mlp: Mapping[str, Any], stacked_dims: int = 3) -> bool:
