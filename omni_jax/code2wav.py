@@ -43,6 +43,7 @@ import numpy as np
 from omni_jax.attention import dot_attention
 from omni_jax.config import Code2WavConfig, OmniConfig
 from omni_jax.convert import Rule, bias_to_heads, heads_to_linear, identity, linear, linear_to_heads
+from omni_jax.decoder import scan_layers
 from omni_jax.mlp import GatedMLP, logical_dense
 from omni_jax.norm import RMSNorm
 from omni_jax.rope import apply_rope, rope_cos_sin
@@ -287,15 +288,7 @@ class PreTransformer(nn.Module):
         b, t, _ = x.shape
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         mask = sliding_mask(t, cfg.sliding_window, valid_start, b)
-        layers = nn.scan(
-            TransformerLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_hidden_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = layers(cfg, self.dtype, self.param_dtype, name="layers")(x, cos, sin, mask)
+        x, _ = scan_layers(TransformerLayer, cfg.num_hidden_layers)(cfg, self.dtype, self.param_dtype, name="layers")(x, cos, sin, mask)
         return RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
 
 

@@ -127,20 +127,25 @@ class DecoderStack(nn.Module):
                     carry, _ = DecoderLayer(*args, fresh_cache=self.fresh_cache, name=layer_name(i))(
                         carry, cos, sin, start)
             else:
-                scanned = nn.scan(
-                    DecoderLayer,
-                    variable_axes={"params": 0},
-                    split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=seg.count,
-                    metadata_params={nn.PARTITION_NAME: "layers"},
-                )
-                carry, _ = scanned(*args, fresh_cache=self.fresh_cache, name=seg.name)(carry, cos, sin, start)
+                carry, _ = scan_layers(DecoderLayer, seg.count)(*args, fresh_cache=self.fresh_cache, name=seg.name)(carry, cos, sin, start)
             end = seg.start + seg.count
             if end in self.taps:
                 taps[end] = carry[0]
         x, cache_k, cache_v, _ = carry
         return x, taps, cache_k, cache_v
+
+
+def scan_layers(layer: type[nn.Module], length: int):
+    """`layer` scanned `length` times over its carry: params stacked on a leading "layers" axis (the rules
+    table's name for it), its three other call arguments shared by every step."""
+    return nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
 
 
 def layer_name(i: int) -> str:

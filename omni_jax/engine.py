@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from omni_jax import moe
 from omni_jax.config import OmniConfig
 from omni_jax.decoder import unroll_default
 from omni_jax.errors import NumericalError, UsageError
@@ -398,7 +399,7 @@ class ThinkerEngine:
         self.loop = loop
         self.unroll_layers = unroll_default(mesh) if unroll_layers is None else bool(unroll_layers)
         if self.unroll_layers:
-            self.params = unroll_layer_params(config, params, split_experts=moe_impl in ("auto", "split"))
+            self.params = unroll_layer_params(config, params, split_experts=moe.runs_split(moe_impl))
         self.model = Thinker(config, dtype=dtype, param_dtype=dtype, moe_impl=moe_impl,
                              unroll_layers=self.unroll_layers)
         common = dict(model=self.model)

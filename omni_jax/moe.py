@@ -168,6 +168,11 @@ def experts_split(x, weights, ids, gs, us, ds, block: int | None = None):
 _EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
+def runs_split(impl: str) -> bool:
+    """Whether a model built with moe_impl=`impl` runs `split_experts` params (when layers are unrolled)."""
+    return impl in ("auto", "split")
+
+
 def split_experts(mlp: Mapping[str, Any]) -> dict[str, Any]:
     """A SparseMoE's params with the stacked experts as one array per expert, transposed to [out, in].
 
@@ -330,7 +335,7 @@ class SparseMoE(nn.Module):
             if ctx is not None and not ctx.is_trivial:
                 raise ValueError("split expert params (omni_jax.moe.split_experts) run on one device only; "
                                  "pass the checkpoint's stacked experts when running under a mesh")
-            if self.impl not in ("auto", "split"):
+            if not runs_split(self.impl):
                 raise ValueError(f"split expert params run only the 'split' dispatch, not moe_impl={self.impl!r}")
             ws = [tuple(w.astype(self.dtype) for w in self.get_variable("params", n))
                   for n in ("gate_proj", "up_proj", "down_proj")]

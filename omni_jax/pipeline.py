@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax import code2wav as c2w
+from omni_jax import moe
 from omni_jax import talker as talker_lib
 from omni_jax import thinker as thinker_lib
 from omni_jax.decoder import unroll_default
@@ -124,7 +125,7 @@ class OmniPipeline:
         With a mesh, params are restored straight into their shardings."""
         loaded = load_model(checkpoint, dtype, config, mesh=mesh)
         if unroll_default(mesh):  # nothing else holds these params: convert them in place, segment by segment
-            split = moe_impl in ("auto", "split")
+            split = moe.runs_split(moe_impl)
             params = loaded.params
             params["thinker"] = thinker_lib.unroll_layer_params(loaded.config, params["thinker"], split, consume=True)
             if "talker" in params:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omni_jax import moe
 from omni_jax.code_predictor import CodePredictor, frame_cache, predict_frame
 from omni_jax.config import OmniConfig
 from omni_jax.convert import Rule, decoder_rules, identity, linear
@@ -641,7 +642,7 @@ class TalkerGenerator:
         """The checkpoint's (scanned) talker params in the layout this generator's model reads."""
         if not self.unroll_layers:
             return params
-        return unroll_layer_params(self.config, params, split_experts=self.moe_impl in ("auto", "split"))
+        return unroll_layer_params(self.config, params, split_experts=moe.runs_split(self.moe_impl))
 
     def _check_layout(self, params: dict) -> None:
         unrolled = layer_name(0) in params["model"]["layers"]
