@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 
 from omni_jax import kv_cache
+from omni_jax.linear import Linear
 from omni_jax.norm import RMSNorm
 from omni_jax.rope import apply_rope
 from omni_jax.sharding import constrain
 
-_INIT = nn.initializers.normal(0.02)
+#: Input dims each projection contracts (for converting kernels to the `out_in` layout).
+KERNEL_IN_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2}
 
 
 def attention_mask(q_pos: jax.Array, kv_len: int, sliding_window: int | None = None) -> jax.Array:
@@ -57,14 +59,13 @@ class Attention(nn.Module):
     # The cache holds nothing this call may see (start == 0 for every row, e.g. a prompt's prefill):
     # attend over this call's keys only, [T, T] scores instead of [T, max_len].
     fresh_cache: bool = False
+    out_in: bool = False  # kernels in omni_jax.linear's [out..., in...] layout (unrolled layers)
 
-    def _proj(self, heads: int, axis_name: str, name: str) -> nn.DenseGeneral:
-        return nn.DenseGeneral(
-            (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_INIT, ("embed", axis_name, "head_dim")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name, "head_dim")),
-            name=name,
-        )
+    def _linear(self, features, axes: tuple, name: str, in_axes: int = 1) -> Linear:
+        return Linear(features, axes, in_axes, self.use_bias, self.out_in, self.dtype, self.param_dtype, name=name)
+
+    def _proj(self, heads: int, axis_name: str, name: str) -> Linear:
+        return self._linear((heads, self.head_dim), ("embed", axis_name, "head_dim"), name)
 
     @nn.compact
     def __call__(
@@ -99,10 +100,5 @@ class Attention(nn.Module):
             values = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(self.dtype)
         mask = attention_mask(q_pos, keys.shape[2], self.sliding_window)
         out = dot_attention(q, keys, values, mask, self.head_dim**-0.5)
-        out = nn.DenseGeneral(
-            x.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_INIT, ("heads", "head_dim", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="o_proj",
-        )(out)
+        out = self._linear(x.shape[-1], ("heads", "head_dim", "embed"), "o_proj", in_axes=2)(out)
         return out, cache_k, cache_v

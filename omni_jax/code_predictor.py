@@ -9,7 +9,7 @@ groups) with its own tiny static KV cache, so a jitted caller compiles it once.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,11 @@ SampleFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 class CodePredictor(nn.Module):
     """Dense decoder with per-group codec embeddings [G-1, V, H] and LM heads [G-1, H, V] (stacked
-    so a scan over groups can index them dynamically)."""
+    so a scan over groups can index them dynamically).
+
+    unroll_layers (single CPU device, params from `split_lm_heads`): the heads are separate [V, H] arrays
+    `lm_head_<g>` picked by `lax.switch`, because XLA:CPU copies a dynamic slice of the stack (8 MB at full
+    size) before every step's matmul; [V, H] puts the contracted dim last (omni_jax.linear: why)."""
 
     cfg: DecoderConfig
     num_code_groups: int
@@ -43,10 +47,14 @@ class CodePredictor(nn.Module):
             "codec_embedding", nn.with_logical_partitioning(_INIT, ("codebooks", "vocab", "embed")),
             (n, cfg.vocab_size, cfg.hidden_size), self.param_dtype,
         )
-        self.lm_head = self.param(
-            "lm_head", nn.with_logical_partitioning(_INIT, ("codebooks", "embed", "vocab")),
-            (n, cfg.hidden_size, cfg.vocab_size), self.param_dtype,
-        )
+        if self.unroll_layers:
+            self.lm_heads = [self.param(f"lm_head_{g}", nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+                                        (cfg.vocab_size, cfg.hidden_size), self.param_dtype) for g in range(n)]
+        else:
+            self.lm_head = self.param(
+                "lm_head", nn.with_logical_partitioning(_INIT, ("codebooks", "embed", "vocab")),
+                (n, cfg.hidden_size, cfg.vocab_size), self.param_dtype,
+            )
 
     def forward(self, x, positions, cache_k, cache_v, start):
         """x [B,T,H]; positions [B,T] (1-D RoPE). Returns (normed hidden [B,T,H], cache_k, cache_v)."""
@@ -59,14 +67,30 @@ class CodePredictor(nn.Module):
 
     def logits(self, h: jax.Array, group: jax.Array | int) -> jax.Array:
         """float32 logits of residual group `group+1` (head index `group`) from h [..., H]."""
+        h = h.astype(self.dtype)
+        if self.unroll_layers:
+            branches = [lambda h, w=w: jnp.einsum("...h,vh->...v", h, w.astype(self.dtype)) for w in self.lm_heads]
+            out = branches[group](h) if isinstance(group, int) else jax.lax.switch(group, branches, h)
+            return out.astype(jnp.float32)
         head = jax.lax.dynamic_index_in_dim(self.lm_head, group, 0, keepdims=False).astype(self.dtype)
         return jnp.dot(h, head).astype(jnp.float32)
 
     def __call__(self, x, positions, cache_k, cache_v, start):
         """Init / teacher-forced path: touches every parameter. Returns logits of all groups [B,T,G-1,V]."""
         h, cache_k, cache_v = self.forward(x, positions, cache_k, cache_v, start)
-        heads = self.lm_head.astype(self.dtype)
-        return jnp.einsum("bth,ghv->btgv", h, heads).astype(jnp.float32), cache_k, cache_v
+        n = self.num_code_groups - 1
+        return jnp.stack([self.logits(h, g) for g in range(n)], axis=2), cache_k, cache_v
+
+
+def split_lm_heads(params: Mapping[str, Any]) -> dict[str, Any]:
+    """CodePredictor params (stacked lm_head [G-1, H, V]) -> `unroll_layers` params (lm_head_<g> [V, H]).
+    Already-split params are returned unchanged."""
+    if "lm_head" not in params:
+        return dict(params)
+    out = {k: v for k, v in params.items() if k != "lm_head"}
+    heads = params["lm_head"]
+    out.update({f"lm_head_{g}": jnp.transpose(heads[g]) for g in range(heads.shape[0])})
+    return out
 
 
 def frame_cache(cfg: DecoderConfig, batch: int, num_code_groups: int, dtype) -> tuple[jax.Array, jax.Array]:

@@ -8,8 +8,10 @@ every "tap" layer whose output the caller needs (the talker reads the thinker's
 `unroll=True` instead gives every layer its own module and params (`layer_<i>`; convert a scanned
 tree with `unstack_layers`). XLA:CPU cannot read a slice of a stacked weight in place: every
 layer's weights are copied out of the stack before each matmul, at every decode step, which
-measured 2-3x slower than separate arrays for matrix-vector products. CPU runs unroll; sharded
-and accelerator runs keep the scan.
+measured 2-3x slower than separate arrays for matrix-vector products. Unrolled layers also store their
+projection kernels [out, in] (`omni_jax.linear`: why), so the unrolled layout always means both; only
+`unstack_layers` (or an unrolled model's own init) makes it. CPU runs unroll; sharded and accelerator
+runs keep the scan.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from omni_jax import moe
+from omni_jax import attention, linear, mlp, moe
 from omni_jax.attention import Attention
 from omni_jax.config import DecoderConfig
 from omni_jax.mlp import GatedMLP
@@ -73,6 +75,7 @@ class DecoderLayer(nn.Module):
     moe_impl: str = "auto"
     sliding_window: int | None = None
     fresh_cache: bool = False  # see Attention
+    out_in: bool = False  # projection kernels in omni_jax.linear's [out, in] layout (unrolled layers)
 
     @nn.compact
     def __call__(self, carry, cos, sin, start):
@@ -82,14 +85,14 @@ class DecoderLayer(nn.Module):
         attn, cache_k, cache_v = Attention(
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
             cfg.use_qk_norm, cfg.attention_bias, self.sliding_window, self.dtype, self.param_dtype,
-            fresh_cache=self.fresh_cache, name="self_attn",
+            fresh_cache=self.fresh_cache, out_in=self.out_in, name="self_attn",
         )(h, cos, sin, cache_k, cache_v, layer, start)
         x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
         if self.sparse:
-            h = SparseMoE(cfg, self.dtype, self.param_dtype, self.moe_impl, name="mlp")(h)
+            h = SparseMoE(cfg, self.dtype, self.param_dtype, self.moe_impl, self.out_in, name="mlp")(h)
         else:
-            h = GatedMLP(cfg.intermediate_size, self.dtype, self.param_dtype, name="mlp")(h)
+            h = GatedMLP(cfg.intermediate_size, self.dtype, self.param_dtype, self.out_in, name="mlp")(h)
         x = constrain(x + h, ("batch", "length", "embed"))
         return (x, cache_k, cache_v, layer + 1), None
 
@@ -124,7 +127,7 @@ class DecoderStack(nn.Module):
             args = (cfg, seg.sparse, self.dtype, self.param_dtype, self.moe_impl)
             if self.unroll:
                 for i in range(seg.start, seg.start + seg.count):
-                    carry, _ = DecoderLayer(*args, fresh_cache=self.fresh_cache, name=layer_name(i))(
+                    carry, _ = DecoderLayer(*args, fresh_cache=self.fresh_cache, out_in=True, name=layer_name(i))(
                         carry, cos, sin, start)
             else:
                 carry, _ = scan_layers(DecoderLayer, seg.count)(*args, fresh_cache=self.fresh_cache, name=seg.name)(carry, cos, sin, start)
@@ -157,8 +160,8 @@ def unstack_layers(stack: MutableMapping[str, Any], cfg: DecoderConfig, taps: Se
                    split_experts: bool = False, consume: bool = False) -> dict[str, Any]:
     """Scanned DecoderStack params ({segment: leaves [count, ...]}) -> unrolled ({layer_<i>: leaves}).
 
-    split_experts: also give every MoE expert its own (transposed) arrays, `moe.split_experts`, cut
-    straight from the stack. consume: pop each segment from `stack` once converted, so (when nothing
+    Projection kernels are transposed to `Linear(out_in=True)`'s layout. split_experts: also give every
+    MoE expert its own (transposed) arrays, `moe.split_experts`, cut straight from the stack. consume: pop each segment from `stack` once converted, so (when nothing
     else holds it) its memory is freed before the next one is copied: the peak is one segment above the
     params, not twice the params. Already-unrolled params are returned unchanged (their experts split
     if asked), so callers may pass either layout."""
@@ -174,9 +177,24 @@ def unstack_layers(stack: MutableMapping[str, Any], cfg: DecoderConfig, taps: Se
                 layer["mlp"].update(moe.split_expert_weights(tree["mlp"], layer=j))
             else:
                 layer = jax.tree.map(lambda a, j=j: a[j], tree)
-            out[layer_name(seg.start + j)] = layer
+            out[layer_name(seg.start + j)] = _kernels_out_in(layer)
         del tree
     return out
+
+
+def _kernels_out_in(layer: dict[str, Any]) -> dict[str, Any]:
+    """One layer's attention and dense-MLP (or shared-expert) kernels in the [out, in] layout."""
+    def convert(module: Mapping[str, Any], in_axes: Mapping[str, int]) -> dict[str, Any]:
+        return {k: ({**v, "kernel": linear.out_in(v["kernel"], in_axes[k])} if k in in_axes else v)
+                for k, v in module.items()}
+
+    ffn = layer["mlp"]
+    if "router" in ffn:  # sparse: only the shared expert is a GatedMLP
+        if "shared_expert" in ffn:
+            ffn = {**ffn, "shared_expert": convert(ffn["shared_expert"], mlp.KERNEL_IN_AXES)}
+    else:
+        ffn = convert(ffn, mlp.KERNEL_IN_AXES)
+    return {**layer, "self_attn": convert(layer["self_attn"], attention.KERNEL_IN_AXES), "mlp": ffn}
 
 
 def unroll_default(mesh: Any = None) -> bool:

@@ -6,27 +6,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-_INIT = nn.initializers.normal(0.02)
+from omni_jax.linear import Linear
+
+#: Input dims each projection contracts (for converting kernels to the `out_in` layout).
+KERNEL_IN_AXES = {"gate_proj": 1, "up_proj": 1, "down_proj": 1}
 
 
-def logical_dense(features: int, axes: tuple, name: str, *, use_bias: bool, dtype, param_dtype) -> nn.Dense:
-    """nn.Dense whose kernel (and bias, on the output axis) carry logical axis names for the sharding rules."""
-    return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(_INIT, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
-    )
+def logical_dense(features: int, axes: tuple, name: str, *, use_bias: bool, dtype, param_dtype,
+                  out_in: bool = False) -> Linear:
+    """A 2-D projection whose kernel (and bias, on the output axis) carry logical axis names for the sharding rules."""
+    return Linear(features, axes, use_bias=use_bias, out_in=out_in, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class GatedMLP(nn.Module):
     intermediate_size: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    out_in: bool = False  # kernels in omni_jax.linear's [out, in] layout (unrolled layers)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         def dense(features, axes, name):
-            return logical_dense(features, axes, name, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+            return logical_dense(features, axes, name, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 out_in=self.out_in)
 
         gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)

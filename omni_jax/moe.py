@@ -319,6 +319,7 @@ class SparseMoE(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
+    out_in: bool = False  # the shared expert's kernels in omni_jax.linear's [out, in] layout (unrolled layers)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -350,7 +351,8 @@ class SparseMoE(nn.Module):
                 fn = DISPATCH[pick_dispatch(flat.shape[0], cfg, self.impl)]
                 out = fn(flat, weights, ids, wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype))
         if cfg.shared_expert_intermediate_size > 0:
-            shared = GatedMLP(cfg.shared_expert_intermediate_size, self.dtype, self.param_dtype, name="shared_expert")(flat)
+            shared = GatedMLP(cfg.shared_expert_intermediate_size, self.dtype, self.param_dtype, self.out_in,
+                              name="shared_expert")(flat)
             gate = nn.Dense(
                 1, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=nn.with_logical_partitioning(_INIT, ("embed", None)), name="shared_expert_gate",

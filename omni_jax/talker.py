@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax import moe
-from omni_jax.code_predictor import CodePredictor, frame_cache, predict_frame
+from omni_jax.code_predictor import CodePredictor, frame_cache, predict_frame, split_lm_heads
 from omni_jax.config import OmniConfig
 from omni_jax.convert import Rule, decoder_rules, identity, linear
 from omni_jax.decoder import DecoderStack, layer_name, unroll_default, unstack_layers
@@ -188,12 +188,13 @@ def init_params(config: OmniConfig, rng: jax.Array, dtype=jnp.float32):
 
 def unroll_layer_params(config: OmniConfig, params: dict, split_experts: bool = True, consume: bool = False) -> dict:
     """Talker params for `Talker(unroll_layers=True)`: talker and code-predictor stacks unstacked (and,
-    by default, every talker expert in its own arrays: `omni_jax.moe.split_experts`). consume: empty
-    the input's layer stacks segment by segment as it goes (`decoder.unstack_layers`)."""
+    by default, every talker expert in its own arrays: `omni_jax.moe.split_experts`), the code predictor's
+    heads split (`code_predictor.split_lm_heads`). consume: empty the input's layer stacks segment by
+    segment as it goes (`decoder.unstack_layers`)."""
     tk = config.talker
     model = {**params["model"],
              "layers": unstack_layers(params["model"]["layers"], tk.text, (), split_experts, consume)}
-    cp = {**params["code_predictor"],
+    cp = {**split_lm_heads(params["code_predictor"]),
           "layers": unstack_layers(params["code_predictor"]["layers"], tk.code_predictor, (), False, consume)}
     return {**params, "model": model, "code_predictor": cp}
 

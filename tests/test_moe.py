@@ -88,8 +88,9 @@ def test_sparse_moe_module_reads_split_params():
 
 
 def test_unstack_layers_splits_experts_and_consumes_segments():
-    """Scanned thinker-style params -> unrolled layers with split experts, cut straight from the stack;
-    consume=True empties the input as it goes and gives the same arrays."""
+    """Scanned thinker-style params -> unrolled layers with split experts, cut straight from the stack, and
+    attention kernels in the [out, in] layout; consume=True empties the input as it goes and gives the same
+    arrays."""
     from omni_jax.decoder import layer_name, segments, unstack_layers
 
     cfg = load_config("tiny").thinker.text
@@ -100,7 +101,12 @@ def test_unstack_layers_splits_experts_and_consumes_segments():
         n = seg.count
         mlp = {"router": rng.standard_normal((n, h, e)), "gate_proj": rng.standard_normal((n, e, h, i)),
                "up_proj": rng.standard_normal((n, e, h, i)), "down_proj": rng.standard_normal((n, e, i, h))}
+        nh, hd = cfg.num_attention_heads, cfg.head_dim
+        attn = {"q_proj": {"kernel": rng.standard_normal((n, h, nh, hd))},
+                "o_proj": {"kernel": rng.standard_normal((n, nh, hd, h))},
+                "q_norm": {"scale": rng.standard_normal((n, hd))}}
         stack[seg.name] = {"mlp": {k: jnp.asarray(v, jnp.float32) for k, v in mlp.items()},
+                           "self_attn": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), attn),
                            "input_layernorm": {"scale": jnp.asarray(rng.standard_normal((n, h)), jnp.float32)}}
     keep = unstack_layers(stack, cfg, (1,), split_experts=True)
     names = [seg.name for seg in segments(cfg, (1,))]
@@ -111,6 +117,10 @@ def test_unstack_layers_splits_experts_and_consumes_segments():
             src = stack[seg.name]
             np.testing.assert_array_equal(layer["mlp"]["router"], src["mlp"]["router"][j])
             np.testing.assert_array_equal(layer["input_layernorm"]["scale"], src["input_layernorm"]["scale"][j])
+            at, sa = layer["self_attn"], src["self_attn"]
+            np.testing.assert_array_equal(at["q_norm"]["scale"], sa["q_norm"]["scale"][j])
+            np.testing.assert_array_equal(at["q_proj"]["kernel"], jnp.transpose(sa["q_proj"]["kernel"][j], (1, 2, 0)))
+            np.testing.assert_array_equal(at["o_proj"]["kernel"], jnp.transpose(sa["o_proj"]["kernel"][j], (2, 0, 1)))
             for name in ("gate_proj", "up_proj", "down_proj"):
                 assert len(layer["mlp"][name]) == e
                 for x in (0, e - 1):
