@@ -56,3 +56,18 @@ def write_layer(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Arr
     cols = start[:, None] + jnp.arange(t)[None, :]
     # Advanced indices split by a slice: the indexed view is [B, T, N, D], new's own layout.
     return buf.at[layer, rows, :, cols].set(new.astype(buf.dtype), mode="drop")
+
+
+def length_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
+    """Static key lengths attention may read: smallest, 2*smallest, ... below max_len, then max_len."""
+    out, n = [], smallest
+    while n < max_len:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (max_len,)
+
+
+def read_layer(buf: jax.Array, layer: jax.Array, length: int) -> jax.Array:
+    """buf[layer, :, :, :length] ([B, K, length, D]): copies only the rows asked for."""
+    _, b, k, _, d = buf.shape
+    return jax.lax.dynamic_slice(buf, (layer, 0, 0, 0, 0), (1, b, k, length, d))[0]

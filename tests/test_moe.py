@@ -62,13 +62,14 @@ def test_split_experts_equal_dense(weights, n, block):
     """Per-expert transposed arrays (the single-CPU layout) through lax.switch: same result as dense."""
     x, w, ids, _, wg, wu, wd = _case(weights, n, 11 + n)
     split = split_experts({"gate_proj": wg, "up_proj": wu, "down_proj": wd})
-    assert len(split["gate_proj"]) == E and split["gate_proj"][3].shape == (I, H)
-    np.testing.assert_array_equal(split["gate_proj"][3], wg[3].T)
+    assert sorted(split) == ["down_proj", "gate_up_proj"]
+    assert len(split["gate_up_proj"]) == E and split["gate_up_proj"][3].shape == (2 * I, H)
+    np.testing.assert_array_equal(split["gate_up_proj"][3], np.concatenate([wg[3].T, wu[3].T]))
     np.testing.assert_array_equal(split["down_proj"][5], wd[5].T)
     assert jax.tree.all(jax.tree.map(lambda a, b: a is b, split_experts(split), split))  # idempotent
     ref = experts_dense(x, w, ids, wg, wu, wd)
     got = jax.jit(lambda x, w, ids, *s: experts_split(x, w, ids, *s, block=block))(
-        x, w, ids, split["gate_proj"], split["up_proj"], split["down_proj"])
+        x, w, ids, split["gate_up_proj"], split["down_proj"])
     assert _rel(got, ref) < 1e-6
 
 
@@ -121,10 +122,11 @@ def test_unstack_layers_splits_experts_and_consumes_segments():
             np.testing.assert_array_equal(at["q_norm"]["scale"], sa["q_norm"]["scale"][j])
             np.testing.assert_array_equal(at["q_proj"]["kernel"], jnp.transpose(sa["q_proj"]["kernel"][j], (1, 2, 0)))
             np.testing.assert_array_equal(at["o_proj"]["kernel"], jnp.transpose(sa["o_proj"]["kernel"][j], (2, 0, 1)))
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                assert len(layer["mlp"][name]) == e
-                for x in (0, e - 1):
-                    np.testing.assert_array_equal(layer["mlp"][name][x], src["mlp"][name][j, x].T)
+            assert sorted(layer["mlp"]) == ["down_proj", "gate_up_proj", "router"]
+            for x in (0, e - 1):
+                np.testing.assert_array_equal(layer["mlp"]["down_proj"][x], src["mlp"]["down_proj"][j, x].T)
+                np.testing.assert_array_equal(layer["mlp"]["gate_up_proj"][x], np.concatenate(
+                    [src["mlp"]["gate_proj"][j, x].T, src["mlp"]["up_proj"][j, x].T]))
     eaten = unstack_layers(dict(stack), cfg, (1,), split_experts=True, consume=True)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), eaten, keep))
     owned = dict(stack)

@@ -24,7 +24,7 @@ from omni_jax.talker import TalkerSampling
 POISON = {
     "thinker": (("thinker", "lm_head"), np.nan),
     "talker": (("talker", "codec_head", "kernel"), np.nan),
-    "code predictor": (("talker", "code_predictor", "lm_head"), np.nan),
+    "code predictor": (("talker", "code_predictor", "lm_head_0"), np.nan),  # split heads: the CPU layout
     "code2wav": (("code2wav", "decoder_out", "kernel"), np.inf),
 }
 GEN = dict(max_new_tokens=4, talker_max_new_tokens=4, sampling=SamplingParams.greedy(),
