@@ -27,7 +27,8 @@ reproduces HF's `chunked_decode` seams (25-frame left context, D samples lost pe
 streaming keeps equalling the exact full decode.
 
 Compiles: the thinker prefill/decode step and talker prefill are the non-streaming path's; the talker
-step compiles once more for a one-column trailing (see `_ColumnSource`); Code2Wav compiles one window.
+step compiles once more for a one-column trailing (see `_ColumnSource`); Code2Wav compiles two windows
+(the first chunk's, and the one every later chunk reuses).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class AudioChunker:
     = layers * 71 + 10 frames (578 for the real model, 152 for the tiny config: the sliding-window
     transformer's receptive field plus the conv stack's) and yields samples [a*U - D, b*U - D) (from 0 for
     the first). The window is always padded to context + chunk_frames frames, so every chunk (the short
-    last one too) reuses one compiled shape. `flush` decodes the remaining frames, completing the waveform
+    last one too) reuses one compiled shape; the first chunk, with no left context, compiles its own. `flush` decodes the remaining frames, completing the waveform
     [0, T*U - D) of T frames.
     """
 
@@ -174,8 +175,11 @@ class AudioChunker:
 
     def _decode(self, end: int) -> tuple[np.ndarray, np.ndarray]:
         start = self.decoded
+        # The first chunk has nothing to its left: a context-free window (its own compiled shape) instead of
+        # context + chunk_frames frames of padding, so the first audio waits for chunk_frames frames only.
         wav = c2w.decode_incremental(self.params, self._codes[:, :, :end], start, end, self.config,
-                                     context=self.context, pad_frames_to=self.chunk_frames, dtype=self.dtype)
+                                     context=self.context if start else 0, pad_frames_to=self.chunk_frames,
+                                     dtype=self.dtype)
         self.decoded = end
         wav = np.asarray(wav[0], np.float32)
         if not np.isfinite(wav).all():
