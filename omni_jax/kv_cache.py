@@ -58,12 +58,15 @@ def write_layer(buf: jax.Array, layer: jax.Array, new: jax.Array, start: jax.Arr
     return buf.at[layer, rows, :, cols].set(new.astype(buf.dtype), mode="drop")
 
 
-def length_buckets(max_len: int, smallest: int = 128) -> tuple[int, ...]:
-    """Static key lengths attention may read: smallest, 2*smallest, ... below max_len, then max_len."""
+def length_buckets(max_len: int, smallest: int = 128, growth: int = 4) -> tuple[int, ...]:
+    """Static key lengths attention may read: smallest, growth*smallest, ... below max_len, then max_len.
+
+    Each bucket is one more attention branch to compile in every layer; growth 4 rather than 2 kept the
+    tiny pipeline's first text+speech call (max_len 2048) at 14.0 s against 15.9 s (13.9 s unbucketed)."""
     out, n = [], smallest
     while n < max_len:
         out.append(n)
-        n *= 2
+        n *= growth
     return tuple(out) + (max_len,)
 
 

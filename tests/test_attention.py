@@ -10,14 +10,15 @@ from omni_jax.attention import attention_mask, cached_attention, dot_attention
 
 
 def test_length_buckets():
-    assert kv_cache.length_buckets(1024) == (128, 256, 512, 1024)
-    assert kv_cache.length_buckets(1000) == (128, 256, 512, 1000)
+    assert kv_cache.length_buckets(1024) == (128, 512, 1024)
+    assert kv_cache.length_buckets(1000) == (128, 512, 1000)
+    assert kv_cache.length_buckets(2048, growth=2) == (128, 256, 512, 1024, 2048)
     assert kv_cache.length_buckets(128) == (128,)
     assert kv_cache.length_buckets(16) == (16,)
 
 
 @pytest.mark.parametrize("window", [None, 100])
-@pytest.mark.parametrize("starts,t", [((0, 5), 1), ((126, 3), 2), ((127, 0), 1), ((128, 40), 1), ((200, 511), 1),
+@pytest.mark.parametrize("starts,t", [((0, 5), 1), ((126, 3), 2), ((127, 0), 1), ((128, 40), 1), ((200, 511), 1), ((511, 512), 2),
                                        ((600, 1), 3), ((1022, 7), 2)])
 def test_cached_attention_equals_full_buffer(starts, t, window):
     layers, b, kvh, n, d, s = 2, 2, 2, 4, 8, 1024
