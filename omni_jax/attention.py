@@ -66,7 +66,8 @@ class Attention(nn.Module):
     New keys/values for T tokens are written at cache rows start[b] .. start[b]+T-1 of layer
     `layer`, then queries attend over the layer's first rows (`cached_attention`: the shortest length
     bucket holding every query position) with a causal (and optional sliding-window) mask; stale
-    entries past a row's position are masked, so the cache never needs clearing. `fresh_cache` skips reading the buffer back when nothing before `start` exists.
+    entries past a row's position are masked, so the cache never needs clearing. `fresh_cache` skips
+    reading the buffer back when nothing before `start` exists.
     """
 
     num_heads: int

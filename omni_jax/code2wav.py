@@ -288,7 +288,8 @@ class PreTransformer(nn.Module):
         b, t, _ = x.shape
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         mask = sliding_mask(t, cfg.sliding_window, valid_start, b)
-        x, _ = scan_layers(TransformerLayer, cfg.num_hidden_layers)(cfg, self.dtype, self.param_dtype, name="layers")(x, cos, sin, mask)
+        layers = scan_layers(TransformerLayer, cfg.num_hidden_layers)(cfg, self.dtype, self.param_dtype, name="layers")
+        x, _ = layers(x, cos, sin, mask)
         return RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from omni_jax.config import DecoderConfig
 from omni_jax.decoder import DecoderStack
+from omni_jax.linear import out_in
 from omni_jax.norm import RMSNorm
 
 _INIT = nn.initializers.normal(0.02)
@@ -89,7 +90,7 @@ def split_lm_heads(params: Mapping[str, Any]) -> dict[str, Any]:
         return dict(params)
     out = {k: v for k, v in params.items() if k != "lm_head"}
     heads = params["lm_head"]
-    out.update({f"lm_head_{g}": jnp.transpose(heads[g]) for g in range(heads.shape[0])})
+    out.update({f"lm_head_{g}": out_in(heads[g]) for g in range(heads.shape[0])})
     return out
 
 

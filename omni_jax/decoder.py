@@ -130,7 +130,8 @@ class DecoderStack(nn.Module):
                     carry, _ = DecoderLayer(*args, fresh_cache=self.fresh_cache, out_in=True, name=layer_name(i))(
                         carry, cos, sin, start)
             else:
-                carry, _ = scan_layers(DecoderLayer, seg.count)(*args, fresh_cache=self.fresh_cache, name=seg.name)(carry, cos, sin, start)
+                layers = scan_layers(DecoderLayer, seg.count)(*args, fresh_cache=self.fresh_cache, name=seg.name)
+                carry, _ = layers(carry, cos, sin, start)
             end = seg.start + seg.count
             if end in self.taps:
                 taps[end] = carry[0]
@@ -161,9 +162,9 @@ def unstack_layers(stack: MutableMapping[str, Any], cfg: DecoderConfig, taps: Se
     """Scanned DecoderStack params ({segment: leaves [count, ...]}) -> unrolled ({layer_<i>: leaves}).
 
     Projection kernels are transposed to `Linear(out_in=True)`'s layout. split_experts: also give every
-    MoE expert its own (transposed) arrays, `moe.split_experts`, cut straight from the stack. consume: pop each segment from `stack` once converted, so (when nothing
-    else holds it) its memory is freed before the next one is copied: the peak is one segment above the
-    params, not twice the params. Already-unrolled params are returned unchanged (their experts split
+    MoE expert its own (transposed) arrays, `moe.split_experts`, cut straight from the stack. consume:
+    pop each segment from `stack` once converted, so (when nothing else holds it) its memory is freed
+    before the next one is copied: the peak is one segment above the params, not twice the params. Already-unrolled params are returned unchanged (their experts split
     if asked), so callers may pass either layout."""
     split = moe.split_experts if split_experts else dict
     if layer_name(0) in stack:

@@ -140,8 +140,8 @@ class AudioChunker:
     = layers * 71 + 10 frames (578 for the real model, 152 for the tiny config: the sliding-window
     transformer's receptive field plus the conv stack's) and yields samples [a*U - D, b*U - D) (from 0 for
     the first). The window is always padded to context + chunk_frames frames, so every chunk (the short
-    last one too) reuses one compiled shape; the first chunk, with no left context, compiles its own. `flush` decodes the remaining frames, completing the waveform
-    [0, T*U - D) of T frames.
+    last one too) reuses one compiled shape; the first chunk, with no left context, compiles its own.
+    `flush` decodes the remaining frames, completing the waveform [0, T*U - D) of T frames.
     """
 
     def __init__(self, params, config: OmniConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES, dtype=None):
