@@ -1,8 +1,8 @@
 """Batch job: prompts.jsonl -> <id>.wav + results.jsonl, resumable and crash-safe.
 
 Input: one JSON object per line with `id`, `prompt` or `messages`, optional `speaker`, `system`,
-and sampling overrides (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `repetition_penalty`,
-`greedy`, `talker_max_new_tokens`). Every output file is written under a temporary name and
+and overrides of the shared sampling flags (omni_jax.cli.flag_groups: `max_new_tokens`, `greedy`,
+`temperature`, `top_k`, `top_p`, `repetition_penalty` and their `talker_*` twins). Every output file is written under a temporary name and
 renamed, so a killed job never leaves a truncated WAV or a partial JSONL line; a rerun skips the
 ids already in results.jsonl (and redoes those whose WAV is missing).
 
@@ -27,30 +27,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from omni_jax import cli  # noqa: E402  (jax-free: bad flags fail before jax loads)
+from omni_jax.cli import checks, flag_groups as shared  # noqa: E402
 from omni_jax.errors import OmniError, UsageError  # noqa: E402
 
 FLAGS = flags.FLAGS
+shared.define_model_flags()
+shared.define_sampling_flags()  # per-line keys override them (shared.sampling_values)
 flags.DEFINE_string("input", None, "prompts.jsonl: one JSON object per line.")
 flags.DEFINE_string("output_dir", None, "Where <id>.wav and results.jsonl go.")
-flags.DEFINE_string("checkpoint", None, "Orbax checkpoint dir from launch/convert.py; default: tiny random weights.")
-flags.DEFINE_string("mesh", None, "Device mesh, e.g. tp4ep8, ep8, auto (default: single device).")
 flags.DEFINE_integer("batch_size", 4, "Prompts per compiled batch.", lower_bound=1)
 flags.DEFINE_bool("text_only", False, "Skip the talker: text only, no WAVs.")
 flags.DEFINE_bool("strict", False, "Fail (non-zero exit) on the first bad input line or failed batch instead of "
                   "skipping it.")
-flags.DEFINE_string("speaker", "ethan", "Default speaker for lines without one.")
-flags.DEFINE_integer("max_new_tokens", 128, "Default thinker token budget.", lower_bound=1)
-flags.DEFINE_integer("talker_max_new_tokens", 256, "Default talker frame budget (80 ms each).", lower_bound=1)
-flags.DEFINE_bool("greedy", True, "Default decoding: greedy thinker and talker.")
-flags.DEFINE_string("dtype", None, "float32 | bfloat16 (default: float32 on CPU, bfloat16 on accelerators).")
-flags.DEFINE_integer("max_len", 1024, "KV-cache length (prompt + generated tokens).", lower_bound=2)
-flags.DEFINE_integer("seed", 0, "Base seed; each batch uses seed + its index.")
 
 RESULTS = "results.jsonl"
 TMP_TAG = ".tmp-"
-INT_KEYS = {"max_new_tokens", "talker_max_new_tokens", "top_k"}
-FLOAT_KEYS = {"temperature", "top_p", "repetition_penalty"}
-SAMPLING_KEYS = INT_KEYS | FLOAT_KEYS | {"greedy"}
+# Keys of the shared sampling flag group a line may override (each batch uses seed + its index).
+INT_KEYS = {k for k, v in shared.SAMPLING_DEFAULTS.items() if type(v) is int}
+FLOAT_KEYS = {k for k, v in shared.SAMPLING_DEFAULTS.items() if type(v) is float}
+SAMPLING_KEYS = set(shared.SAMPLING_DEFAULTS)
 ITEM_KEYS = {"id", "prompt", "messages", "speaker", "system"} | SAMPLING_KEYS
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -59,7 +54,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 class Item:
     line: int
     id: str
-    request: object  # omni_jax.pipeline.Request
+    request: object  # omni_jax.runtime.types.Request
     sampling: dict
 
 
@@ -128,20 +123,15 @@ def is_complete(rec: dict, out_dir: str, text_only: bool) -> bool:
 
 def _check_sampling(n: int, obj: dict) -> dict:
     """Type- and range-check per-line sampling overrides (so a bad value fails its line, not a whole batch)."""
-    from omni_jax.sampling import SamplingParams
-
     s = {}
     for k in SAMPLING_KEYS & set(obj):
         v = obj[k]
-        if k == "greedy":
-            ok = isinstance(v, bool)
-            want = "true or false"
-        elif k in INT_KEYS:
-            ok = isinstance(v, int) and not isinstance(v, bool)
-            want = "an integer"
+        if k in INT_KEYS:
+            ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+        elif k in FLOAT_KEYS:
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
         else:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-            want = "a number"
+            ok, want = isinstance(v, bool), "true or false"
         if not ok:
             raise BadLine(f"line {n}: '{k}' must be {want}, got {v!r}")
         s[k] = float(v) if k in FLOAT_KEYS else v
@@ -149,9 +139,8 @@ def _check_sampling(n: int, obj: dict) -> dict:
         if k in s and s[k] < 1:
             raise BadLine(f"line {n}: '{k}' must be >= 1, got {s[k]}")
     try:
-        SamplingParams(temperature=s.get("temperature", 1.0), top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0),
-                       repetition_penalty=s.get("repetition_penalty", 1.0))
-    except ValueError as e:
+        shared.samplings(shared.sampling_values(s))
+    except UsageError as e:
         raise BadLine(f"line {n}: {e}") from None
     return s
 
@@ -162,7 +151,7 @@ def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only:
 
     With a tokenizer, the prompt is also templated and checked against max_len (prompt + max_new_tokens).
     """
-    from omni_jax.pipeline import Request
+    from omni_jax.runtime.types import Request
 
     try:
         obj = json.loads(raw)
@@ -210,21 +199,11 @@ def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only:
 
 
 def sampling_for(item: Item):
-    from omni_jax.sampling import SamplingParams
-    from omni_jax.talker import TalkerSampling
-
-    s = item.sampling
-    greedy = bool(s.get("greedy", FLAGS.greedy and not ({"temperature", "top_k", "top_p"} & set(s))))
-    rep = float(s.get("repetition_penalty", 1.0))
-    if greedy:
-        thinker = SamplingParams.greedy(repetition_penalty=rep)
-        talker = TalkerSampling.greedy()
-    else:
-        thinker = SamplingParams(temperature=float(s.get("temperature", 0.7)), top_k=int(s.get("top_k", 20)),
-                                 top_p=float(s.get("top_p", 0.8)), repetition_penalty=rep)
-        talker = TalkerSampling()
-    return (thinker, talker, int(s.get("max_new_tokens", FLAGS.max_new_tokens)),
-            int(s.get("talker_max_new_tokens", FLAGS.talker_max_new_tokens)))
+    """(thinker sampling, talker sampling, max_new_tokens, talker_max_new_tokens) of a line: the shared flags
+    with the line's overrides."""
+    values = shared.sampling_values(item.sampling)
+    thinker, talker = shared.samplings(values)
+    return thinker, talker, int(values["max_new_tokens"]), int(values["talker_max_new_tokens"])
 
 
 def wav_bytes(wav, sample_rate: int) -> bytes:
@@ -238,7 +217,7 @@ def wav_bytes(wav, sample_rate: int) -> bytes:
 def _job_config():
     """The model config without loading weights: the checkpoint's config.json, or the tiny default."""
     from omni_jax.config import load_config
-    from omni_jax.loading import DEFAULT_CONFIG
+    from omni_jax.runtime.loading import DEFAULT_CONFIG
 
     if FLAGS.checkpoint is None:
         return load_config(DEFAULT_CONFIG)
@@ -250,30 +229,11 @@ def _job_config():
         raise app.UsageError(f"--checkpoint {FLAGS.checkpoint!r} has no config.json") from None
 
 
-def _make_mesh(config):
-    from omni_jax import mesh as mesh_lib
-
-    if not FLAGS.mesh:
-        return None
-    try:
-        return mesh_lib.make_mesh(FLAGS.mesh, config=config)
-    except mesh_lib.MeshSpecError as e:
-        raise UsageError(f"--mesh: {e}") from None
-
-
 def _load_pipeline(config, mesh):
-    from omni_jax.pipeline import OmniPipeline
+    from omni_jax.runtime.pipeline import OmniPipeline
 
-    return OmniPipeline.load(FLAGS.checkpoint, dtype=_dtype(), config=config, max_len=FLAGS.max_len, mesh=mesh)
-
-
-def _dtype():
-    from omni_jax.loading import parse_dtype
-
-    try:
-        return parse_dtype(FLAGS.dtype)
-    except ValueError as e:
-        raise UsageError(f"--dtype: {e}") from None
+    return OmniPipeline.load(FLAGS.checkpoint, dtype=shared.parse_dtype_flag(FLAGS.dtype), config=config,
+                             max_len=FLAGS.max_len, mesh=mesh, prefill_chunk=FLAGS.prefill_chunk)
 
 
 def _bad(msg: str) -> None:
@@ -289,20 +249,20 @@ def main(argv):
         raise app.UsageError("--input and --output_dir are required")
     if not os.path.isfile(FLAGS.input):
         raise app.UsageError(f"--input {FLAGS.input!r} is not a file")
-    cli.check_output_dir(FLAGS.output_dir, "--output_dir")  # before any work; creates nothing
-    from omni_jax import mesh as mesh_lib
+    checks.check_output_dir(FLAGS.output_dir, "--output_dir")  # before any work; creates nothing
+    from omni_jax.sharding import mesh as mesh_lib
 
     mesh_lib.maybe_initialize_distributed()
     from tqdm import tqdm
 
-    from omni_jax.tokenizer import load_tokenizer
+    from omni_jax.processing.tokenizer import load_tokenizer
 
     config = _job_config()
     speakers = sorted(name.lower() for name, _ in config.talker.speaker_id)
     if not FLAGS.text_only and FLAGS.speaker.lower() not in speakers:
         raise app.UsageError(f"--speaker {FLAGS.speaker!r} is unknown; known: {', '.join(speakers)}")
-    mesh = _make_mesh(config)
-    _dtype()
+    mesh = shared.make_mesh_flag(FLAGS.mesh, config)
+    shared.parse_dtype_flag(FLAGS.dtype)
     tokenizer = load_tokenizer(FLAGS.checkpoint)
 
     # Validate every line before loading weights: bad lines cost nothing and --strict stops here.

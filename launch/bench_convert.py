@@ -4,7 +4,7 @@
   python launch/bench_convert.py --layers=2,4,8 --work_dir=/big/disk
 
 For each depth L it writes a bf16 HF checkpoint with the real tensor names and shapes (taken
-from tests/data/qwen3_omni_weight_manifest.tsv.gz: hidden 2048, 128 experts, vocab 152064, ...)
+from tools/data/qwen3_omni_weight_manifest.tsv.gz: hidden 2048, 128 experts, vocab 152064, ...)
 but only L thinker layers and --talker_layers talker layers, as sharded safetensors with an
 index (so one layer's keys straddle files). It then runs launch/convert.py in a fresh process
 and reports that child's peak RSS (os.wait4 ru_maxrss). If conversion streams layer by layer,
@@ -37,7 +37,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("layers", ["2", "4"], "Thinker depths to compare.")
 flags.DEFINE_integer("talker_layers", 1, "Talker depth of the synthetic checkpoints.")
 flags.DEFINE_string("work_dir", "/tmp/omni_jax_bench_convert", "Scratch dir (needs ~2 x (1.25 GB x L + 2.5 GB)).")
-flags.DEFINE_string("manifest", os.path.join(ROOT, "tests", "data", "qwen3_omni_weight_manifest.tsv.gz"),
+flags.DEFINE_string("manifest", os.path.join(ROOT, "tools", "data", "qwen3_omni_weight_manifest.tsv.gz"),
                     "Real checkpoint tensor names and shapes.")
 flags.DEFINE_string("config", os.path.join(ROOT, "configs", "qwen3_omni_30b_a3b_instruct.json"), "Real config.json.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Converted dtype.")

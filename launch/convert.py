@@ -39,7 +39,7 @@ def _quiet_orbax(record) -> bool:
 def main(argv):
     del argv
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host-only; never grab accelerators
-    from omni_jax.convert import convert_checkpoint
+    from omni_jax.checkpoint.convert import convert_checkpoint
 
     logging.get_absl_handler().addFilter(_quiet_orbax)
     t0 = time.time()

@@ -25,38 +25,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from omni_jax import cli  # noqa: E402  (jax-free: bad flags fail before jax loads)
+from omni_jax.cli import checks, flag_groups as shared  # noqa: E402
 from omni_jax.errors import UsageError  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Checkpoint dir (omni_jax.checkpoint format); default: tiny random model.")
+shared.define_model_flags()
+shared.define_sampling_flags()
 flags.DEFINE_string("prompt", None, "User message (ChatML template applied).")
 flags.DEFINE_string("prompt_file", None, "File whose contents are the user message.")
 flags.DEFINE_string("input_ids", None, "Comma-separated exact prompt token ids (no template).")
 flags.DEFINE_string("system", None, "Optional system message.")
-flags.DEFINE_bool("interactive", False, "Chat on stdin, keeping the history; '/reset' clears it, '/exit' or EOF quits.")
+flags.DEFINE_bool("interactive", False, "Chat on stdin, keeping the history; '/reset' clears it, '/exit' or EOF quits "
+                  "(turn n samples with --seed + n - 1).")
 flags.DEFINE_bool("text_only", False, "Generate text only (skip the talker and vocoder).")
-flags.DEFINE_string("speaker", "ethan", "Voice (case-insensitive), e.g. ethan, chelsie, aiden.")
 flags.DEFINE_string("output", "output.wav", "WAV file for the speech (24 kHz); empty: do not write one. "
                     "With --interactive, turn_<n>.wav files go into this file's directory.")
-flags.DEFINE_integer("max_new_tokens", 64, "Maximum number of generated text tokens.", lower_bound=1)
-flags.DEFINE_bool("greedy", False, "Greedy text decoding (same as --temperature=0).")
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "Top-k filter; 0 = off.")
-flags.DEFINE_float("top_p", 1.0, "Top-p (nucleus) filter; 1 = off.")
-flags.DEFINE_float("repetition_penalty", 1.0, "HF-style repetition penalty; 1 = off.")
-flags.DEFINE_integer("talker_max_new_tokens", 1024, "Maximum talker tokens (codec frames of 80 ms, + 1).",
-                     lower_bound=1)
-flags.DEFINE_bool("talker_greedy", False, "Greedy talker and code predictor (keeps the talker repetition penalty).")
-flags.DEFINE_float("talker_temperature", 0.9, "Talker sampling temperature (HF default 0.9); 0 = greedy.")
-flags.DEFINE_integer("talker_top_k", 50, "Talker top-k (HF default 50); 0 = off.")
-flags.DEFINE_float("talker_top_p", 1.0, "Talker top-p (HF default 1.0 = off).")
-flags.DEFINE_float("talker_repetition_penalty", 1.05, "Talker repetition penalty on codec group 0 (HF default 1.05).")
-flags.DEFINE_integer("seed", 0, "PRNG seed for sampling (interactive turn n uses seed + n - 1).")
-flags.DEFINE_string("dtype", None, "float32 | bfloat16 (default: float32 on CPU, bfloat16 otherwise).")
-flags.DEFINE_integer("max_len", 1024, "KV-cache length: prompt + max_new_tokens must fit.")
-flags.DEFINE_integer("prefill_chunk", None, "Prefill long prompts in chunks of this many tokens (bounds prefill memory).")
 flags.DEFINE_string("dump_dir", None, "If set, write tokens.json (+ codes.npy and audio.wav with speech) there.")
-flags.DEFINE_string("mesh", None, "Shard over a device mesh, e.g. tp4ep8, ep8, dp2tp4, auto (default: one device).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -84,8 +68,6 @@ def _check_flags() -> None:
             raise UsageError(f"--stream runs one prompt with speech in one process; drop --{', --'.join(bad)}")
         if not 4 <= FLAGS.stream_chunk <= 25:
             raise UsageError(f"--stream_chunk must be in [4, 25] codec frames, got {FLAGS.stream_chunk}")
-    if FLAGS.max_len < 2:
-        raise UsageError(f"--max_len must be >= 2, got {FLAGS.max_len}")
     if FLAGS.prefill_chunk is not None and FLAGS.prefill_chunk < 1:
         raise UsageError(f"--prefill_chunk must be >= 1, got {FLAGS.prefill_chunk}")
     if FLAGS.checkpoint and not os.path.isdir(FLAGS.checkpoint):
@@ -93,17 +75,17 @@ def _check_flags() -> None:
     # Output locations are checked now, not after minutes of generation; nothing is created here.
     if FLAGS.output and FLAGS.output != "-" and not FLAGS.text_only:
         if FLAGS.interactive:
-            cli.check_output_dir(os.path.dirname(os.path.abspath(FLAGS.output)), "--output")
+            checks.check_output_dir(os.path.dirname(os.path.abspath(FLAGS.output)), "--output")
         else:
-            cli.check_output_file(FLAGS.output, "--output")
+            checks.check_output_file(FLAGS.output, "--output")
     if FLAGS.dump_dir:
-        cli.check_output_dir(FLAGS.dump_dir, "--dump_dir")
+        checks.check_output_dir(FLAGS.dump_dir, "--dump_dir")
 
 
 def _prompt_text() -> str | None:
     """The user message of --prompt / --prompt_file (None for --input_ids or --interactive)."""
     if FLAGS.prompt_file is not None:
-        text, where = cli.read_text_file(FLAGS.prompt_file, "--prompt_file"), f"--prompt_file={FLAGS.prompt_file!r}"
+        text, where = checks.read_text_file(FLAGS.prompt_file, "--prompt_file"), f"--prompt_file={FLAGS.prompt_file!r}"
     elif FLAGS.prompt is not None:
         text, where = FLAGS.prompt, "--prompt"
     else:
@@ -141,38 +123,6 @@ def _system_messages() -> list[dict]:
     return [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
 
 
-def _flag_error(e: UsageError, prefix: str) -> UsageError:
-    """Re-word a SamplingParams/TalkerSampling range error in terms of the flag that set the value."""
-    if getattr(e, "field", None) is None:
-        return e
-    return UsageError(f"--{prefix}{e.field}={e.value!r}: {e.rule}")
-
-
-def _samplings():
-    """Sampling settings from the flags; every value is range-checked, even where greedy ignores it."""
-    from omni_jax.sampling import SamplingParams
-    from omni_jax.talker import TalkerSampling
-
-    try:
-        text = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.repetition_penalty)
-    except UsageError as e:
-        raise _flag_error(e, "") from None
-    if FLAGS.greedy or FLAGS.temperature == 0.0:
-        text = SamplingParams.greedy(repetition_penalty=FLAGS.repetition_penalty)
-    if FLAGS.talker_temperature < 0:
-        raise UsageError(f"--talker_temperature={FLAGS.talker_temperature!r}: must be >= 0 (0 = greedy)")
-    greedy = FLAGS.talker_greedy or FLAGS.talker_temperature == 0.0
-    try:
-        talker = TalkerSampling(do_sample=not greedy, temperature=FLAGS.talker_temperature if not greedy else 0.9,
-                                top_k=FLAGS.talker_top_k, top_p=FLAGS.talker_top_p,
-                                repetition_penalty=FLAGS.talker_repetition_penalty)
-    except UsageError as e:
-        raise _flag_error(e, "talker_") from None
-    if greedy:
-        talker = TalkerSampling.greedy(repetition_penalty=FLAGS.talker_repetition_penalty)
-    return text, talker
-
-
 def main(argv):
     del argv
     _run()
@@ -183,24 +133,21 @@ def _run():
     text = _prompt_text()
 
     from omni_jax.config import load_config
-    from omni_jax.loading import DEFAULT_CONFIG, parse_dtype
-    from omni_jax.mesh import is_primary, make_mesh, maybe_initialize_distributed
-    from omni_jax.pipeline import OmniPipeline
-    from omni_jax.tokenizer import load_tokenizer
+    from omni_jax.processing.tokenizer import load_tokenizer
+    from omni_jax.runtime.loading import DEFAULT_CONFIG
+    from omni_jax.runtime.pipeline import OmniPipeline
+    from omni_jax.sharding.mesh import is_primary, maybe_initialize_distributed
 
     multi = maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if multi and (FLAGS.interactive or FLAGS.stream):
         raise UsageError(f"--{'interactive' if FLAGS.interactive else 'stream'} runs in a single process")
     # Everything the flags and the config can tell is checked before the weights load.
-    samplings = _samplings()
-    try:
-        dtype = parse_dtype(FLAGS.dtype)
-    except ValueError as e:
-        raise UsageError(f"--dtype: {e}") from None
+    samplings = shared.samplings()
+    dtype = shared.parse_dtype_flag(FLAGS.dtype)
     config = load_config(FLAGS.checkpoint or DEFAULT_CONFIG)
     if not FLAGS.text_only:
         config.talker.speaker(FLAGS.speaker)  # unknown speaker -> UsageError listing the known ones
-    mesh = make_mesh(FLAGS.mesh, config=config) if FLAGS.mesh else None
+    mesh = shared.make_mesh_flag(FLAGS.mesh, config)
     prompt = None
     if not FLAGS.interactive:
         prompt = _prompt_ids(load_tokenizer(FLAGS.checkpoint), text, config.thinker.text.vocab_size)
@@ -301,8 +248,8 @@ def _chat(pipe, samplings, say, primary: bool) -> None:
 
 
 def _stream(pipe, samplings, prompt: list[int]) -> None:
-    """--stream: text deltas and progressive audio via omni_jax.streaming (latencies printed at the end)."""
-    from omni_jax.streaming import stream_to_outputs
+    """--stream: text deltas and progressive audio (omni_jax.cli.output; latencies printed at the end)."""
+    from omni_jax.cli.output import stream_to_outputs
 
     log = sys.stderr if FLAGS.output == "-" else sys.stdout  # stdout may carry the raw audio
     if pipe.random_weights:

@@ -1,15 +1,16 @@
-"""Ahead-of-time memory / communication plan for a sharded layout, on simulated CPU devices.
+"""Ahead-of-time memory / communication plan of the production steps under a mesh, on simulated CPU devices.
 
     python launch/plan.py --config=configs/qwen3_omni_30b_a3b_instruct.json --mesh=tp4ep8 --batch=8 --max_len=4096
 
-Sets XLA_FLAGS=--xla_force_host_platform_device_count=<mesh size> before jax is imported,
-then lowers and compiles the thinker decode and prefill steps and the talker step on abstract
-shapes that carry their shardings (jax.ShapeDtypeStruct; no weights are allocated), and
-prints JSON: per-device argument/output/temp bytes from compiled.memory_analysis(),
-parameter counts, the ideal per-device bytes of the layout (expert bytes/(tp*ep) + other
-param bytes/tp + KV-cache bytes/its shards), measured/ideal, and every collective in the
-compiled HLO with its operand shapes. Layers are nn.scan'ed, so compile time stays flat in
-depth; collectives inside a while body run once per layer.
+Sets XLA_FLAGS=--xla_force_host_platform_device_count=<mesh size> before jax is imported, then
+lowers and compiles the steps requests run — the thinker's decode step and chunked-prefill step
+(omni_jax.runtime.thinker_engine.ThinkerSteps) and the talker step (TalkerGenerator.step) — on
+abstract inputs that carry their shardings (no weights are allocated), and prints JSON: per-device
+argument/output/temp bytes from compiled.memory_analysis(), parameter counts, the ideal per-device
+bytes of the layout (expert bytes/(tp*ep) + other param bytes/tp + KV-cache bytes/its shards),
+measured/ideal, and every collective in the compiled HLO with its operand shapes. Layers are
+scanned (the mesh layout), so compile time stays flat in depth; collectives inside a while body run
+once per layer.
 
 Why two compiles per step: XLA:CPU has no native bf16 arithmetic, so for a bf16 program it
 materializes f32 copies of bf16 operands and hoists them out of the layer loop (f32 copies of
@@ -20,78 +21,85 @@ has no such converts; its bytes/2 are reported as the accelerator estimate for b
 
 from __future__ import annotations
 
-import argparse
-import functools
 import math
 import os
-import re
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from absl import flags  # noqa: E402
+
 from omni_jax import cli  # noqa: E402  (jax-free: XLA_FLAGS is still set before jax loads)
 from omni_jax.errors import UsageError  # noqa: E402
+from omni_jax.sharding import mesh as mesh_lib  # noqa: E402  (jax-free)
 
 # Facts of the released checkpoint (from its tensor manifest), for comparison with what we build.
 FULL_CHECKPOINT_PARAMS = 35_259_818_545
-NOT_BUILT = {"thinker.audio_tower": 647_927_168, "thinker.visual": 538_631_408}
+CHECKPOINT_COMPONENT_PARAMS = {"audio_tower": 647_927_168, "visual": 538_631_408}
+STEPS = ("thinker_decode", "thinker_prefill", "talker_step")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", os.path.join(ROOT, "configs", "qwen3_omni_30b_a3b_instruct.json"), "Model config.json.")
+flags.DEFINE_string("mesh", "tp4ep8", "Mesh spec (tp4ep8, ep8, dp2tp4, auto with --devices).")
+flags.DEFINE_integer("devices", None, "Simulated device count (default: the mesh's size).")
+flags.DEFINE_integer("batch", 8, "Decode batch (rows).", lower_bound=1)
+flags.DEFINE_integer("max_len", 4096, "KV-cache length.", lower_bound=2)
+flags.DEFINE_integer("prefill_len", 256, "Tokens per prefill chunk (launch/infer.py --prefill_chunk); attention "
+                     "scores grow with it.", lower_bound=1)
+flags.DEFINE_integer("talker_trailing", 512, "Talker trailing-text columns (step input).", lower_bound=1)
+flags.DEFINE_string("moe_impl", "auto", "MoE dispatch of the prefill step (omni_jax.runtime.layout.MOE_IMPLS).")
+flags.DEFINE_string("decode_moe_impl", "auto", "MoE dispatch of the decode and talker steps.")
+flags.DEFINE_list("steps", list(STEPS), f"Steps to plan, from {', '.join(STEPS)}.")
+flags.DEFINE_bool("no_f32_proxy", False, "Skip the float32 compiles.")
+flags.DEFINE_float("hbm_gb", 16.0, "Per-device memory the layout must fit (GB).")
+flags.DEFINE_bool("full_collectives", False, "List every collective, not one per distinct op.")
 
 
-def _device_count(spec: str, devices: int | None) -> int:
-    if devices:
-        return devices
-    if spec.strip().lower() == "auto":
+def _device_count() -> int:
+    if FLAGS.devices:
+        return FLAGS.devices
+    n = mesh_lib.spec_size(FLAGS.mesh)
+    if n is None:
         raise UsageError("--mesh=auto needs --devices=N (how many devices to simulate)")
-    sizes = [int(n) for n in re.findall(r"(?:dp|tp|ep)(\d+)", spec.lower())]
-    if not sizes:
-        raise UsageError(f"cannot parse --mesh={spec!r}; expected e.g. tp4ep8, ep8, dp2tp4, tp1, auto")
-    return math.prod(sizes)
+    return n
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "qwen3_omni_30b_a3b_instruct.json"))
-    p.add_argument("--mesh", default="tp4ep8")
-    p.add_argument("--devices", type=int, default=None, help="simulated device count (default: the mesh's size)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max_len", type=int, default=4096)
-    p.add_argument("--prefill_len", type=int, default=256,
-                   help="tokens per prefill call (chunked prefill); attention scores grow with it")
-    p.add_argument("--talker_trailing", type=int, default=512, help="talker trailing-text columns (step input)")
-    p.add_argument("--moe_impl", default="auto",
-                   help="MoE dispatch for prefill; auto = dense on CPU (XLA:CPU lowers ragged_dot through an "
-                        "[M, M] mask, which no accelerator does)")
-    p.add_argument("--decode_moe_impl", default="auto")
-    p.add_argument("--steps", default="thinker_decode,thinker_prefill,talker_step")
-    p.add_argument("--no_f32_proxy", action="store_true", help="skip the float32 compiles")
-    p.add_argument("--hbm_gb", type=float, default=16.0, help="per-device memory the layout must fit (GB)")
-    p.add_argument("--full_collectives", action="store_true", help="list every collective, not one per distinct op")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    n = _device_count(args.mesh, args.devices)
+def main(argv) -> dict:
+    del argv
+    bad = [s for s in FLAGS.steps if s not in STEPS]
+    if bad:
+        raise UsageError(f"--steps: unknown {bad}; choose from {', '.join(STEPS)}")
+    n = _device_count()
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    return plan(n)
 
+
+def plan(num_devices: int) -> dict:
     import json
 
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
-    from omni_jax import hlo_inspect, parallel, sharding, thinker
     from omni_jax.config import load_config
-    from omni_jax.mesh import make_mesh, mesh_spec_string
+    from omni_jax.models import registry
+    from omni_jax.runtime import layout as layout_lib
+    from omni_jax.runtime.sampling import SamplingParams, TalkerSampling
+    from omni_jax.runtime.talker_engine import TalkerGenerator
+    from omni_jax.runtime.thinker_engine import ThinkerSteps
+    from omni_jax.sharding import mesh as mesh_lib
+    from omni_jax.sharding.mesh import EXPERT, TENSOR
+    from omni_jax.sharding.rules import spec_mesh_axes
+    from tools import hlo_inspect
 
-    config = load_config(args.config)
-    mesh = make_mesh(args.mesh, num_experts=config.thinker.text.num_experts)
-    tp, ep = mesh.shape[sharding.TENSOR], mesh.shape[sharding.EXPERT]
-    B, L, T = args.batch, args.max_len, min(args.prefill_len, args.max_len)
-    steps_wanted = [s for s in args.steps.split(",") if s]
+    config = load_config(FLAGS.config)
+    mesh = mesh_lib.make_mesh(FLAGS.mesh, devices=jax.devices()[:num_devices], config=config)
+    tp, ep = mesh.shape[TENSOR], mesh.shape[EXPERT]
+    B, L, T = FLAGS.batch, FLAGS.max_len, min(FLAGS.prefill_len, FLAGS.max_len)
+    greedy, talker_greedy = SamplingParams.greedy(), TalkerSampling.greedy()
 
     def count(boxed):
         leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -100,69 +108,41 @@ def main(argv=None) -> dict:
         return tot, exp
 
     def spec_shards(spec) -> int:
-        return math.prod(mesh.shape[a] for d in range(len(spec)) for a in sharding.spec_mesh_axes(spec, d))
+        return math.prod(mesh.shape[a] for d in range(len(spec)) for a in spec_mesh_axes(spec, d))
 
-    def cache_elems(layers, kv, hd) -> int:
-        return 2 * layers * B * L * kv * hd  # k and v
+    def cache_elems(cfg) -> int:
+        return 2 * cfg.num_hidden_layers * B * L * cfg.num_key_value_heads * cfg.head_dim  # k and v
 
-    th_boxed = thinker.boxed_abstract_params(config)
-    th_total, th_exp = count(th_boxed)
-    tt = config.thinker.text
-    th_layout = parallel.thinker_layout(config, mesh, B, L, T, boxed_params=th_boxed)
-    th_cache = cache_elems(tt.num_hidden_layers, tt.num_key_value_heads, tt.head_dim)
-    th_cache_spec = th_layout.cache.k.spec
-    th_cache_shards = spec_shards(th_cache_spec)
-
-    components = {"thinker_text": th_total}
-    tk_total = tk_exp = None
-    try:
-        from omni_jax import talker
-
-        tk_total, tk_exp = count(talker.boxed_abstract_params(config))
-        components["talker_incl_code_predictor"] = tk_total
-    except ImportError:
-        talker = None
-    try:
-        from omni_jax import code2wav
-
-        components["code2wav"] = count(code2wav.boxed_abstract_params(config))[0]
-    except (ImportError, AttributeError):
-        pass
-
+    boxed = registry.boxed_abstract_params(config, jnp.float32)
+    counts = {root: count(tree) for root, tree in boxed.items()}
+    th_total, th_exp = counts["thinker"]
+    not_built = {c.name: CHECKPOINT_COMPONENT_PARAMS.get(c.name) for c in registry.COMPONENTS if not c.built}
     report: dict = {
-        "config": os.path.relpath(os.path.abspath(args.config), ROOT),
-        "mesh": mesh_spec_string(mesh),
-        "devices": mesh.size,
-        "batch": B,
-        "max_len": L,
-        "prefill_chunk": T,
-        "dtype": "bfloat16",
+        "config": os.path.relpath(os.path.abspath(FLAGS.config), ROOT), "mesh": mesh_lib.mesh_spec_string(mesh),
+        "devices": mesh.size, "batch": B, "max_len": L, "prefill_chunk": T, "dtype": "bfloat16",
         "params": {
-            "built_total": sum(components.values()),
-            "built_by_component": components,
-            "thinker_experts": th_exp,
-            "thinker_non_expert": th_total - th_exp,
-            "full_checkpoint": FULL_CHECKPOINT_PARAMS,
-            "not_built": NOT_BUILT,
-            "note": "we build thinker text model, talker (+code predictor) and code2wav; the audio and vision "
-                    "towers are not built, which is the whole difference to the full checkpoint",
+            "built_total": sum(c[0] for c in counts.values()),
+            "built_by_component": {root: c[0] for root, c in counts.items()},
+            "thinker_experts": th_exp, "thinker_non_expert": th_total - th_exp,
+            "full_checkpoint": FULL_CHECKPOINT_PARAMS, "not_built": not_built,
+            "note": "components of omni_jax.models.registry; those without a module are not built",
         },
         "steps": {},
     }
 
-    def ideal_bytes(total, experts, cache_elems, cache_shards, itemsize):
-        return (experts * itemsize / (tp * ep) + (total - experts) * itemsize / tp
-                + cache_elems * itemsize / cache_shards)
+    def ideal_bytes(total, experts, cache, cache_shards, itemsize):
+        return experts * itemsize / (tp * ep) + (total - experts) * itemsize / tp + cache * itemsize / cache_shards
 
     def memory(compiled):
         m = compiled.memory_analysis()
-        arg, out, alias, temp = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes
+        arg, out, alias, temp = (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                                 m.temp_size_in_bytes)
         return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
                 "total_bytes": arg + out - alias + temp}
 
     def collectives(compiled):
         colls = hlo_inspect.collectives(compiled.as_text())
-        if args.full_collectives:
+        if FLAGS.full_collectives:
             return [c.describe() for c in colls]
         out: dict = {}
         for c in colls:
@@ -175,17 +155,16 @@ def main(argv=None) -> dict:
                 out[key] = dict(d, count=1)
         return list(out.values())
 
-    def analyse(name, build, total, experts, cache_elems, cache_shards, cache_spec):
-        entry: dict = {"kv_cache_spec": str(cache_spec), "kv_cache_shards": cache_shards}
+    def analyse(name, lower, total, experts, cache, cache_spec):
+        shards = spec_shards(cache_spec)
+        entry: dict = {"kv_cache_spec": str(cache_spec), "kv_cache_shards": shards}
         for label, dt in (("bf16_on_cpu", jnp.bfloat16), ("f32_on_cpu", jnp.float32)):
-            if label == "f32_on_cpu" and args.no_f32_proxy:
+            if label == "f32_on_cpu" and FLAGS.no_f32_proxy:
                 continue
             t0 = time.time()
-            fn, fn_args, kwargs = build(dt)
-            compiled = fn.lower(*fn_args, **kwargs).compile()
+            compiled = lower(dt).compile()
             mem = memory(compiled)
-            isz = jnp.dtype(dt).itemsize
-            ideal = ideal_bytes(total, experts, cache_elems, cache_shards, isz)
+            ideal = ideal_bytes(total, experts, cache, shards, jnp.dtype(dt).itemsize)
             mem.update(ideal_bytes=int(ideal), measured_over_ideal=round(mem["total_bytes"] / ideal, 4),
                        compile_seconds=round(time.time() - t0, 1))
             entry[label] = mem
@@ -197,56 +176,50 @@ def main(argv=None) -> dict:
             entry["accelerator_estimate_bf16"] = {
                 "per_device_bytes": int(est), "per_device_gib": round(est / 2**30, 3),
                 "ideal_bytes": int(f32["ideal_bytes"] / 2), "measured_over_ideal": f32["measured_over_ideal"],
-                "fits_hbm": est <= args.hbm_gb * 1e9,
+                "fits_hbm": est <= FLAGS.hbm_gb * 1e9,
             }
         report["steps"][name] = entry
 
-    if "thinker_decode" in steps_wanted:
-        def build_decode(dt):
-            model = thinker.Thinker(config, dtype=dt, param_dtype=dt, moe_impl=args.decode_moe_impl)
-            lay = th_layout
-            fn = parallel.sharded_jit(
-                parallel.thinker_decode_fn(model), mesh,
-                (lay.params, lay.step_tokens, lay.step_positions, lay.cache), (lay.logits, lay.cache), (3,),
-            )
-            return fn, parallel.abstract_thinker_args(config, lay, B, L, T, dt)[1], {}
+    def thinker_steps(dt, impl):
+        return ThinkerSteps(config, dt, mesh, layout_lib.choose(mesh, impl))
 
-        analyse("thinker_decode", build_decode, th_total, th_exp, th_cache, th_cache_shards, th_cache_spec)
+    tt = config.thinker.text
+    if "thinker_decode" in FLAGS.steps:
+        def lower_decode(dt):
+            steps = thinker_steps(dt, FLAGS.decode_moe_impl)
+            _, _, state = steps.abstract_states(B, L, greedy)
+            return steps.decode_fn.lower(steps.abstract_params(), state, sampling=greedy, collect_hidden=False)
 
-    if "thinker_prefill" in steps_wanted:
-        def build_prefill(dt):
-            model = thinker.Thinker(config, dtype=dt, param_dtype=dt, moe_impl=args.moe_impl)
-            lay = th_layout
-            fn = parallel.sharded_jit(
-                parallel.thinker_prefill_fn(model), mesh,
-                (lay.params, lay.tokens, lay.positions, lay.cache, lay.rows), (lay.logits, lay.cache), (3,),
-            )
-            return fn, parallel.abstract_thinker_args(config, lay, B, L, T, dt)[0], {}
+        probe = thinker_steps(jnp.float32, FLAGS.decode_moe_impl).abstract_states(B, L, greedy)[2]
+        analyse("thinker_decode", lower_decode, th_total, th_exp, cache_elems(tt), probe.cache.k.sharding.spec)
 
-        analyse("thinker_prefill", build_prefill, th_total, th_exp, th_cache, th_cache_shards, th_cache_spec)
+    if "thinker_prefill" in FLAGS.steps:
+        def lower_prefill(dt):
+            steps = thinker_steps(dt, FLAGS.moe_impl)
+            prompt, logits, state = steps.abstract_states(B, L, greedy)
+            rows = state.num_generated
+            tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=state.sequence.sharding)
+            offset = jax.ShapeDtypeStruct((), jnp.int32)
+            return steps.chunk_fn.lower(steps.abstract_params(), prompt, logits, tokens, rows, offset)
 
-    if "talker_step" in steps_wanted and talker is not None:
+        probe = thinker_steps(jnp.float32, FLAGS.moe_impl).abstract_states(B, L, greedy)[0]
+        analyse("thinker_prefill", lower_prefill, th_total, th_exp, cache_elems(tt), probe.cache.k.sharding.spec)
+
+    if "talker_step" in FLAGS.steps and "talker" in counts:
         tk = config.talker.text
 
-        def build_talker(dt):
-            # As TalkerGenerator(mesh=...) jits it on accelerators: the state (with its KV cache) is donated.
-            model = talker.Talker(config, dt, dt, args.decode_moe_impl)
-            step = parallel.sharded_jit(
-                functools.partial(talker.talker_step, model), mesh, static_argnames=("sampling",),
-                donate_argnames=("state",),
-            )
-            sampling = talker.TalkerSampling.greedy()
-            fn_args = parallel.abstract_talker_step_args(config, mesh, B, L, args.talker_trailing, dt, sampling=sampling)
-            return step, fn_args, {"sampling": sampling}
+        def lower_talker(dt):
+            gen = TalkerGenerator(config, dt, mesh=mesh, layout=layout_lib.choose(mesh, FLAGS.decode_moe_impl))
+            args = gen.abstract_step_args(B, L, FLAGS.talker_trailing, talker_greedy)
+            return gen.step.lower(*args, sampling=talker_greedy)
 
-        probe = parallel.abstract_talker_step_args(config, mesh, B, L, args.talker_trailing, jnp.float32)[1]
-        tk_spec = probe.cache.k.sharding.spec
-        analyse("talker_step", build_talker, tk_total, tk_exp, cache_elems(tk.num_hidden_layers, tk.num_key_value_heads,
-                tk.head_dim), spec_shards(tk_spec), tk_spec)
+        probe = TalkerGenerator(config, jnp.float32, mesh=mesh).abstract_step_args(B, L, FLAGS.talker_trailing,
+                                                                                   talker_greedy)[1]
+        analyse("talker_step", lower_talker, *counts["talker"], cache_elems(tk), probe.cache.k.sharding.spec)
 
     print(json.dumps(report, indent=1))
     return report
 
 
 if __name__ == "__main__":
-    cli.guard(main)
+    cli.run(main)

@@ -41,3 +41,13 @@ class CheckpointError(OmniError, ValueError):
 
 class CheckpointNotFoundError(UsageError, CheckpointError, FileNotFoundError):
     """A checkpoint path given by the user does not exist: a usage error (exit 2), caught before any work."""
+
+
+def check_finite(*stages: tuple[str, str, object]) -> None:
+    """Raise NumericalError for the first (stage, detail, flag) whose flag is False.
+
+    The flags are device-side booleans reduced during a stage (every logit finite, ...): reading
+    them here is the stage's one host sync for the guard."""
+    for stage, detail, flag in stages:
+        if not bool(flag):
+            raise NumericalError(stage, detail)

@@ -33,24 +33,21 @@ def _prefill_logits(pipe, prompts):
     import jax.numpy as jnp
     import numpy as np
 
-    from omni_jax import parallel
-    from omni_jax.thinker import init_cache, text_positions
+    from omni_jax.processing.positions import text_positions
+    from omni_jax.sharding import jit as sjit
 
     b, t = len(prompts), max(len(p) for p in prompts)
     tokens = np.zeros((b, t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    model, mesh, cfg = pipe.engine.model, pipe.mesh, pipe.config
-    if mesh is None:
-        cache = init_cache(cfg, b, t, pipe.dtype)
-    else:
-        cache = parallel.thinker_cache(cfg, b, t, pipe.dtype, mesh)
+    model, mesh = pipe.engine.model, pipe.mesh
+    cache = pipe.engine.steps.cache(b, t)
 
     def run(params, tokens, cache):
         start = jnp.zeros((tokens.shape[0],), jnp.int32)
         return model.apply({"params": params}, tokens, text_positions(start, tokens.shape[1]), cache, start).logits
 
-    logits = np.asarray(parallel.sharded_jit(run, mesh)(pipe.engine.params, tokens, cache))
+    logits = np.asarray(sjit.sharded_jit(run, mesh)(pipe.engine.params, tokens, cache))
     valid = np.arange(t)[None, :] < np.asarray([len(p) for p in prompts])[:, None]
     return np.where(valid[..., None], logits, 0.0)
 
@@ -61,9 +58,9 @@ def main(ckpt: str, prompts_json: str, out_dir: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from omni_jax.mesh import make_mesh, mesh_spec_string
-    from omni_jax.pipeline import OmniPipeline
-    from omni_jax.talker import TalkerSampling
+    from omni_jax.runtime.pipeline import OmniPipeline
+    from omni_jax.runtime.sampling import TalkerSampling
+    from omni_jax.sharding.mesh import make_mesh, mesh_spec_string
 
     with open(prompts_json) as f:
         job = json.load(f)

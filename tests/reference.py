@@ -6,7 +6,10 @@ import copy
 import json
 import os
 
-from omni_jax.hf_reference import (  # noqa: F401  (re-exported: the shared reference code lives there)
+from omni_jax import parse_config
+from omni_jax.checkpoint.convert import convert_tensors
+from omni_jax.models import registry
+from tools.hf_reference import (  # noqa: F401  (re-exported: the shared reference code lives there)
     TINY_TOWERS, build_hf_model, hf_config_dict, read_safetensors, save_hf_model,
 )
 
@@ -63,3 +66,14 @@ def chat_ids(rng, system_len: int, user_len: int) -> list[int]:
         out += [s["im_start_token_id"], s["system_token_id"]] + text(system_len) + [s["im_end_token_id"], 198]
     out += [s["im_start_token_id"], s["user_token_id"]] + text(user_len) + [s["im_end_token_id"], 198]
     return out + [s["im_start_token_id"], s["assistant_token_id"], 198]
+
+
+def convert_roots(cfg_dict: dict, hf_dir: str, roots=("thinker",)):
+    """(config, {root: params}) of the given components, converted in memory from a saved HF dir
+    (checkpoint layout, numpy), with the converter's own rules and the registry's key ownership."""
+    config = parse_config(cfg_dict)
+    roots = tuple(roots)
+    tensors = ((k, v) for k, v in read_safetensors(hf_dir)
+               if registry.owner(k) is not None and registry.owner(k).name in roots)
+    params = convert_tensors(tensors, registry.abstract_params(config, roots=roots), registry.hf_rules(config, roots))
+    return config, params

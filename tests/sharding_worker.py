@@ -33,10 +33,10 @@ def _thinker_inputs():
     import jax.numpy as jnp
 
     from omni_jax import load_config
-    from omni_jax.thinker import init_params
+    from omni_jax.models import registry
 
     config = load_config("tiny")
-    params = init_params(config, jax.random.PRNGKey(0))
+    params = registry.init_params(config, jax.random.PRNGKey(0), roots=("thinker",))["thinker"]
     prompt = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, config.thinker.text.vocab_size)
     lengths = jnp.array([T, T - 2], jnp.int32)  # ragged rows: right padding must not leak
     return config, params, prompt, lengths
@@ -45,43 +45,50 @@ def _thinker_inputs():
 def _mesh(spec):
     import jax
 
-    from omni_jax.mesh import make_mesh
+    from omni_jax.sharding.mesh import make_mesh
 
     n = math.prod(int(x) for x in re.findall(r"\d+", spec))
     return make_mesh(spec, devices=jax.devices()[:n])
 
 
-def _greedy_generate(steps, params, cache, prompt, lengths, num_new: int):
-    """Text-only greedy decoding over parallel.make_thinker_steps: (tokens [B, num_new], logits that chose them)."""
-    import jax.numpy as jnp
+def _layout_params(config, params, root, mesh, shardings):
+    """Params in the layout the run uses: placed by the rules table under a mesh, unrolled on one CPU device."""
+    from omni_jax.runtime import layout
+    from omni_jax.sharding import rules
 
-    b, t = prompt.shape
-    start = cache.lengths
-    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    logits, cache = steps.prefill(params, prompt, jnp.broadcast_to(pos[None], (3, b, t)), cache, lengths)
-    toks, all_logits = [], []
-    for i in range(num_new):
-        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if mesh is not None:
+        return rules.place(params, shardings)
+    return layout.choose(None).prepare(config, {root: params})[root]
+
+
+def _greedy_generate(steps, params, cache, prompt, lengths, num_new: int):
+    """Greedy tokens [B, num_new] and the logits that chose them [B, num_new, V], through the engine's own
+    compiled prefill and decode steps (ThinkerSteps), EOS disabled."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from omni_jax.runtime.sampling import SamplingParams
+
+    greedy = SamplingParams.greedy()
+    state, first, _ = steps.prefill_fn(params, cache, prompt, lengths, jax.random.PRNGKey(0),
+                                       np.int32(num_new), np.array([-1], np.int32), sampling=greedy)
+    toks, all_logits = [first], [state.logits]
+    for _ in range(num_new - 1):
+        state, tok, _, _ = steps.decode_fn(params, state, sampling=greedy)
         toks.append(tok)
-        all_logits.append(logits)
-        if i + 1 < num_new:
-            pos = jnp.broadcast_to(cache.lengths[None, :, None], (3, b, 1))
-            logits, cache = steps.decode(params, tok[:, None], pos, cache)
+        all_logits.append(state.logits)
     return jnp.stack(toks, axis=1), jnp.stack(all_logits, axis=1)
 
 
 def _run_thinker(config, params, prompt, lengths, mesh):
     import numpy as np
 
-    from omni_jax import parallel, sharding
-    from omni_jax.thinker import init_cache
+    from omni_jax.runtime.thinker_engine import ThinkerSteps
 
-    steps = parallel.make_thinker_steps(config, mesh, batch=B, max_len=L, prefill_len=T)
-    cache = init_cache(config, B, L)
-    if mesh is not None:
-        params = sharding.place(params, steps.layout.params)
-        cache = sharding.place(cache, steps.layout.cache)
-    toks, logits = _greedy_generate(steps, params, cache, prompt, lengths, NEW)
+    steps = ThinkerSteps(config, mesh=mesh)
+    params = _layout_params(config, params, "thinker", mesh, steps.param_shardings() if mesh is not None else None)
+    toks, logits = _greedy_generate(steps, params, steps.cache(B, L), prompt, lengths, NEW)
     return steps, params, np.asarray(toks), np.asarray(logits)
 
 
@@ -90,24 +97,25 @@ def _run_talker(config, mesh):
     import jax
     import numpy as np
 
-    from omni_jax import parallel, sharding, talker
+    from omni_jax.models import registry
+    from omni_jax.runtime.sampling import TalkerSampling
+    from omni_jax.runtime.talker_engine import TalkerGenerator
+    from omni_jax.runtime.talker_inputs import TalkerInputs
 
-    params = talker.init_params(config, jax.random.PRNGKey(3))
+    params = registry.init_params(config, jax.random.PRNGKey(3), roots=("talker",))["talker"]
     h = config.talker.text.hidden_size
     tb = 6
     rng = np.random.default_rng(4)
-    inputs = talker.TalkerInputs(
+    inputs = TalkerInputs(
         embeds=jax.numpy.asarray(rng.normal(size=(B, tb, h)).astype(np.float32) * 0.5),
         lengths=np.array([tb, tb - 2], np.int32),
         trailing=jax.numpy.asarray(rng.normal(size=(B, 3, h)).astype(np.float32) * 0.5),
         tts_pad=jax.numpy.asarray(rng.normal(size=(h,)).astype(np.float32) * 0.5),
         input_ids=np.zeros((B, tb), np.int64),
     )
-    if mesh is not None:
-        params = sharding.place(params, parallel.talker_param_shardings(config, mesh))
-    gen = talker.TalkerGenerator(config, mesh=mesh)
-    params = gen.prepare_params(params)  # unrolled layers on one CPU device, the scanned tree under a mesh
-    sampling = talker.TalkerSampling.greedy()
+    gen = TalkerGenerator(config, mesh=mesh)
+    params = _layout_params(config, params, "talker", mesh, gen.param_shardings() if mesh is not None else None)
+    sampling = TalkerSampling.greedy()
     state, _ = gen.start(params, inputs, 6, sampling)
     out = gen.generate(params, inputs, 6, sampling)
     return np.asarray(out.codes), np.asarray(out.lengths), np.asarray(state.hidden)
@@ -120,18 +128,20 @@ def _moe_hlo(config, mesh) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from omni_jax import hlo_inspect, parallel, sharding
-    from omni_jax.moe import SparseMoE
+    from omni_jax.nn.moe import Dispatch, SparseMoE
+    from omni_jax.sharding import jit as sjit
+    from omni_jax.sharding import rules as sharding
+    from tools import hlo_inspect
 
     cfg = config.thinker.text
     out = {}
     for impl in ("gather", "grouped", "dense", "ragged"):
-        moe = SparseMoE(cfg, impl=impl)
+        moe = SparseMoE(cfg, dispatch=Dispatch.always(impl))
         x = jnp.ones((B, T, cfg.hidden_size))
         boxed = jax.eval_shape(lambda: moe.init(jax.random.PRNGKey(0), x))["params"]
         shard = sharding.param_shardings(boxed, mesh)
         params = jax.jit(lambda: nn.unbox(moe.init(jax.random.PRNGKey(0), x))["params"], out_shardings=shard)()
-        fn = parallel.sharded_jit(lambda p, x: moe.apply({"params": p}, x), mesh)
+        fn = sjit.sharded_jit(lambda p, x: moe.apply({"params": p}, x), mesh)
         out[impl] = [c.describe() for c in hlo_inspect.collectives(fn.lower(params, x).compile().as_text())]
     wg = params["gate_proj"]
     control = jax.jit(lambda w: w * 2, out_shardings=NamedSharding(mesh, PartitionSpec()))
@@ -143,11 +153,13 @@ def _moe_hlo(config, mesh) -> dict:
 def meshes(out_dir: str) -> None:
     _setup(32)
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from omni_jax import hlo_inspect, sharding
-    from omni_jax.thinker import init_cache
+    from omni_jax.runtime import layout
+    from omni_jax.runtime.sampling import SamplingParams
+    from omni_jax.runtime.thinker_engine import ThinkerEngine
+    from omni_jax.sharding import rules as sharding
+    from tools import hlo_inspect
 
     config, params, prompt, lengths = _thinker_inputs()
     _, _, toks, logits = _run_thinker(config, params, prompt, lengths, None)
@@ -158,17 +170,18 @@ def meshes(out_dir: str) -> None:
         steps, placed, toks, logits = _run_thinker(config, params, prompt, lengths, mesh)
         np.savez(os.path.join(out_dir, f"thinker_{spec}.npz"), tokens=toks, logits=logits)
         if spec == "tp4ep8":
-            cache = sharding.place(init_cache(config, B, L), steps.layout.cache)
-            pos = jnp.zeros((3, B, 1), jnp.int32)
-            hlo = steps.decode.lower(placed, jnp.zeros((B, 1), jnp.int32), pos, cache).compile().as_text()
+            greedy = SamplingParams.greedy()
+            state, _, _ = steps.prefill_fn(placed, steps.cache(B, L), prompt, lengths, jax.random.PRNGKey(0),
+                                           np.int32(NEW), np.array([-1], np.int32), sampling=greedy)
+            hlo = steps.decode_fn.lower(placed, state, sampling=greedy).compile().as_text()
             report["thinker_decode_collectives"] = [c.describe() for c in hlo_inspect.collectives(hlo)]
             report["moe"] = _moe_hlo(config, mesh)
-            report["moe_param_specs"] = {k: v for k, v in sharding.describe(steps.layout.params).items() if "/mlp/" in k}
-    from omni_jax.engine import ThinkerEngine
-
+            report["moe_param_specs"] = {k: v for k, v in sharding.describe(steps.param_shardings()).items()
+                                         if "/mlp/" in k}
     rows = [list(map(int, r[:n])) for r, n in zip(np.asarray(prompt), np.asarray(lengths))]
     for name, mesh in (("single", None), ("tp4ep8", _mesh("tp4ep8"))):
-        res = ThinkerEngine(config, params, max_len=L, mesh=mesh).generate(rows, NEW)
+        run_params = params if mesh is not None else layout.choose(None).prepare(config, {"thinker": params})["thinker"]
+        res = ThinkerEngine(config, run_params, max_len=L, mesh=mesh).generate(rows, NEW)
         report[f"engine_{name}"] = res.tokens
     for name, mesh in (("single", None), ("tp4ep8", _mesh("tp4ep8"))):
         codes, lengths, hidden = _run_talker(config, mesh)
@@ -179,25 +192,24 @@ def meshes(out_dir: str) -> None:
 
 def multiprocess(out_dir: str, pid: int, nproc: int, port: int, spec: str) -> None:
     _setup(4)
-    from omni_jax.mesh import is_primary, maybe_initialize_distributed
+    from omni_jax.sharding.mesh import is_primary, maybe_initialize_distributed
 
     maybe_initialize_distributed(f"localhost:{port}", nproc, pid)
     import jax
-    import numpy as np
     from jax.experimental import multihost_utils
 
-    from omni_jax import parallel, sharding
-    from omni_jax.thinker import init_cache
+    from omni_jax.runtime.thinker_engine import ThinkerSteps
+    from omni_jax.sharding import rules as sharding
 
     config, params, prompt, lengths = _thinker_inputs()  # same seeds in every process => same values
     mesh = _mesh(spec)
-    steps = parallel.make_thinker_steps(config, mesh, batch=B, max_len=L, prefill_len=T)
-    params = sharding.place(params, steps.layout.params)
-    cache = sharding.place(init_cache(config, B, L), steps.layout.cache)
-    prompt = sharding.place(prompt, steps.layout.tokens)
-    lengths = sharding.place(lengths, steps.layout.rows)
-    toks, _ = _greedy_generate(steps, params, cache, prompt, lengths, NEW)
-    toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))
+    steps = ThinkerSteps(config, mesh=mesh)
+    params = sharding.place(params, steps.param_shardings())
+    row = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("batch", None), prompt.shape, mesh))
+    prompt, lengths = sharding.place(prompt, row), sharding.place(lengths, jax.sharding.NamedSharding(
+        mesh, sharding.logical_spec(("batch",), lengths.shape, mesh)))
+    toks, _ = _greedy_generate(steps, params, steps.cache(B, L), prompt, lengths, NEW)
+    toks = multihost_utils.process_allgather(toks, tiled=True)  # numpy, on every process
     if is_primary():
         with open(os.path.join(out_dir, "multiprocess.json"), "w") as f:
             json.dump({"tokens": toks.tolist(), "process_count": jax.process_count(), "devices": jax.device_count()}, f)

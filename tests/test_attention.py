@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omni_jax import kv_cache
-from omni_jax.attention import attention_mask, cached_attention, dot_attention
+from omni_jax.nn import kv_cache
+from omni_jax.nn.attention import attention_mask, cached_attention, dot_attention
 
 
 def test_length_buckets():

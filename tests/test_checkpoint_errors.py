@@ -25,9 +25,11 @@ import pytest
 
 import orbax.checkpoint as ocp
 
-from omni_jax import checkpoint, convert, safetensors_io
+from omni_jax import checkpoint
+from omni_jax.checkpoint import convert
+from omni_jax.checkpoint import layout as checkpoint_layout
 from omni_jax.errors import CheckpointError, CheckpointNotFoundError, UsageError
-from omni_jax.safetensors_io import INDEX_NAME, SafetensorsError, read_header, write_safetensors
+from omni_jax.checkpoint.safetensors import INDEX_NAME, SafetensorsError, read_header, write_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "launch", "convert.py")
@@ -215,6 +217,8 @@ def test_truncation_found_from_header_without_reading_data(hf_sharded, tmp_path,
         def __exit__(self, *exc):
             self._f.close()
 
+    from omni_jax.checkpoint import safetensors as safetensors_io
+
     monkeypatch.setattr(safetensors_io, "open", lambda path, mode="r": CountingFile(open(path, mode)), raising=False)
     monkeypatch.setattr(np, "memmap", lambda *a, **k: pytest.fail("tensor data mapped"))
     with pytest.raises(SafetensorsError, match="is truncated"):
@@ -370,7 +374,7 @@ def test_partial_dir_of_a_live_conversion_is_not_clobbered(hf_base, tmp_path):
     out = str(tmp_path / "ckpt")
     tmp = checkpoint.partial_dir(out)
     os.makedirs(tmp)
-    owner = os.path.join(tmp, checkpoint._OWNER)
+    owner = os.path.join(tmp, checkpoint_layout._OWNER)
     with open(owner, "w") as f:
         f.write(f"{socket.gethostname()} {os.getppid()}\n")
     with pytest.raises(UsageError, match=f"another running conversion \\(pid {os.getppid()}\\)"):

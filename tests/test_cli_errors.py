@@ -153,7 +153,7 @@ def test_unwritable_output_dir(tmp_path):
 def poisoned_checkpoint(tmp_path_factory):
     """The tiny random model with NaN thinker LM-head weights, saved with the real checkpoint writer."""
     from omni_jax import checkpoint
-    from omni_jax.loading import load_model
+    from omni_jax.runtime.loading import load_model
 
     loaded = load_model(None)
     params = {root: dict(tree) for root, tree in loaded.params.items()}

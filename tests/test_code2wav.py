@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from omni_jax import code2wav as c2w
-from omni_jax import convert, load_config, parse_config
+from omni_jax import load_config
+from omni_jax.checkpoint import convert
+from omni_jax.models import code2wav as c2w
+from omni_jax.models import registry
+from omni_jax.runtime import vocoder
 from tests import reference
 
-MANIFEST = os.path.join(os.path.dirname(__file__), "data", "code2wav_weight_manifest.tsv")
+MANIFEST = os.path.join(reference.ROOT, "tools", "data", "code2wav_weight_manifest.tsv")
 
 
 @pytest.fixture(scope="module")
 def model(hf_checkpoints):
     hf_model, hf_dir, cfg_dict = hf_checkpoints["base"]
-    config = parse_config(cfg_dict)
-    abstract = {"code2wav": nn.unbox(c2w.boxed_abstract_params(config))}
-    tensors = ((k, v) for k, v in reference.read_safetensors(hf_dir) if k.startswith("code2wav."))
-    params = convert.convert_tensors(tensors, abstract, c2w.hf_rules(config))["code2wav"]
-    return hf_model.code2wav, config, jax.tree_util.tree_map(jnp.asarray, params)
+    config, params = reference.convert_roots(cfg_dict, hf_dir, ("code2wav",))
+    return hf_model.code2wav, config, jax.tree_util.tree_map(jnp.asarray, params["code2wav"])
 
 
 def _codes(config, batch, frames, seed):
@@ -42,7 +42,7 @@ def test_full_decode_matches_transformers(model):
     codes = _codes(config, 2, 11, seed=0)
     with torch.no_grad():
         ref = hf(torch.tensor(codes)).numpy()[:, 0]
-    ours = np.asarray(c2w.code2wav(params, codes, config))
+    ours = np.asarray(vocoder.code2wav(params, codes, config))
     # HF's length: each trimmed transposed conv loses one step, D = 555 samples in all.
     assert ours.shape == ref.shape == (2, c2w.wav_length(config, 11)) == (2, 11 * config.code2wav.total_upsample - 555)
     err = _rel_l2(ours, ref)
@@ -56,9 +56,9 @@ def test_chunked_decode_matches_transformers(model):
     codes = _codes(config, 2, t, seed=1)
     with torch.no_grad():
         ref = hf.chunked_decode(torch.tensor(codes), chunk_size=chunk, left_context_size=left).numpy()[:, 0]
-    plan = c2w.chunk_plan(t, chunk, left)
+    plan = vocoder.chunk_plan(t, chunk, left)
     assert plan == [(0, 40, 0), (40, 80, 25), (80, 100, 25)]
-    ours = np.asarray(c2w.chunked_decode(params, codes, config, chunk_size=chunk, left_context_size=left))
+    ours = np.asarray(vocoder.chunked_decode(params, codes, config, chunk_size=chunk, left_context_size=left))
     assert ours.shape == ref.shape == (2, t * config.code2wav.total_upsample - len(plan) * c2w.delay_samples(config))
     err = _rel_l2(ours, ref)
     print("chunked decode rel L2", err)
@@ -72,13 +72,13 @@ def test_incremental_decode_equals_full(model):
     assert context == cfg.num_hidden_layers * (cfg.sliding_window - 1) + c2w.conv_context_frames(config)
     t = context + 28  # so the 25-frame chunks also reach the steady state (start > context, no padding)
     codes = _codes(config, 1, t, seed=2)
-    full = np.asarray(c2w.code2wav(params, codes, config))
+    full = np.asarray(vocoder.code2wav(params, codes, config))
     u, d = cfg.total_upsample, c2w.delay_samples(config)
     for chunk in (4, 25):
         pieces = []
         for start in range(0, t, chunk):
             end = min(start + chunk, t)
-            piece = np.asarray(c2w.decode_incremental(params, codes, start, end, config, pad_frames_to=chunk))
+            piece = np.asarray(vocoder.decode_incremental(params, codes, start, end, config, pad_frames_to=chunk))
             assert piece.shape[-1] == end * u - d - max(0, start * u - d)
             pieces.append(piece)
         inc = np.concatenate(pieces, axis=-1)
@@ -101,7 +101,7 @@ def test_receptive_field_is_exact(model):
     table = params["code_embedding"]["embedding"]
 
     def wav(emb):
-        return c2w.code2wav({**params, "code_embedding": {"embedding": emb}}, codes, config)[0]
+        return vocoder.code2wav({**params, "code_embedding": {"embedding": emb}}, codes, config)[0]
 
     def tangent(frame):
         rows = np.arange(cfg.num_quantizers) * cfg.codebook_size + frame
@@ -123,8 +123,8 @@ def test_bf16_smoke(model):
     _, config, params = model
     codes = _codes(config, 2, 11, seed=0)  # same shape as the fp32 test: reuses its compile
     bf16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
-    ours = np.asarray(c2w.code2wav(bf16, codes, config))
-    ref = np.asarray(c2w.code2wav(params, codes, config))
+    ours = np.asarray(vocoder.code2wav(bf16, codes, config))
+    ref = np.asarray(vocoder.code2wav(params, codes, config))
     assert ours.dtype == np.float32 and ours.shape == (2, 11 * config.code2wav.total_upsample - 555)
     assert np.all(np.isfinite(ours)) and np.max(np.abs(ours)) <= 1.0
     err = _rel_l2(ours, ref)
@@ -136,7 +136,7 @@ def test_hf_rules_cover_real_checkpoint():
     """Every code2wav tensor of the real checkpoint (names+shapes copied from its index) lands on a param of the
     real config's tree with the right shape, and every param element is covered exactly once."""
     config = load_config("qwen3_omni_30b_a3b_instruct")
-    abstract = {"code2wav": nn.unbox(c2w.boxed_abstract_params(config))}
+    abstract = registry.abstract_params(config, roots=("code2wav",))
     rules = c2w.hf_rules(config)
     covered: dict[tuple, int] = {}
     with open(MANIFEST) as f:

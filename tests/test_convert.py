@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from omni_jax import checkpoint, convert, load_config, parse_config
-from omni_jax.safetensors_io import index_checkpoint, read_header, write_safetensors
-from omni_jax.thinker import Thinker, init_cache
+from omni_jax import checkpoint, load_config, parse_config
+from omni_jax.checkpoint import convert
+from omni_jax.checkpoint.safetensors import index_checkpoint, read_header, write_safetensors
+from omni_jax.models import registry
+from omni_jax.models.thinker import Thinker
+from omni_jax.nn.kv_cache import KVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MANIFEST = os.path.join(ROOT, "tests", "data", "qwen3_omni_weight_manifest.tsv.gz")
+MANIFEST = os.path.join(ROOT, "tools", "data", "qwen3_omni_weight_manifest.tsv.gz")
 REAL_CONFIG = os.path.join(ROOT, "configs", "qwen3_omni_30b_a3b_instruct.json")
 
 
@@ -97,9 +100,9 @@ def test_converted_checkpoint_equals_in_memory_conversion(converted, case):
     model, hf_dir, ckpt = converted[case]
     config = load_config(hf_dir)
     params = checkpoint.load_params(ckpt)  # all of thinker, talker, code2wav (config speaks)
-    assert set(params) == set(checkpoint.default_roots(config)) == {"thinker", "talker", "code2wav"}
-    tensors = [(k, v) for k, v in _torch_tensors(hf_dir) if not k.startswith(convert.SKIP_PREFIXES)]
-    ref = convert.convert_tensors(tensors, checkpoint.abstract_params(config), convert.all_rules(config))
+    assert set(params) == set(registry.default_roots(config)) == {"thinker", "talker", "code2wav"}
+    tensors = [(k, v) for k, v in _torch_tensors(hf_dir) if registry.owner(k).built]
+    ref = convert.convert_tensors(tensors, registry.abstract_params(config), registry.hf_rules(config))
     flat_ref, flat = checkpoint.flatten(ref), checkpoint.flatten(params)
     assert flat.keys() == flat_ref.keys()
     for path, want in flat_ref.items():
@@ -125,7 +128,8 @@ def test_loaded_thinker_logits_match_transformers(converted):
         out = hf_model.thinker.model(input_ids=torch.tensor(tokens), position_ids=torch.tensor(pos), use_cache=False)
         hf_logits = hf_model.thinker.lm_head(out.last_hidden_state).numpy()
     ours = jax.jit(Thinker(config).apply)(
-        {"params": params["thinker"]}, jnp.asarray(tokens), jnp.asarray(pos), init_cache(config, B, T), jnp.zeros((B,), jnp.int32)
+        {"params": params["thinker"]}, jnp.asarray(tokens), jnp.asarray(pos), KVCache.create(config.thinker.text, B, T),
+        jnp.zeros((B,), jnp.int32)
     )
     rel = float(np.max(np.abs(np.asarray(ours.logits) - hf_logits)) / np.max(np.abs(hf_logits)))
     print("thinker logits rel err", rel)
@@ -158,17 +162,16 @@ def _manifest():
     return [(k, tuple(int(x) for x in s.strip("[]").split(","))) for k, s in rows]
 
 
-@pytest.mark.parametrize("root", convert.COMPONENTS)
+@pytest.mark.parametrize("root", registry.built_names())
 def test_real_checkpoint_manifest_maps_exactly_onto_real_model(root):
     """All 28,010 real tensor names: each maps to a param slice of the right shape (or is a tower key we
     do not build), and every element of every param is written exactly once. jax.eval_shape only."""
     entries = _manifest()
     assert len(entries) == 28010
     config = load_config(REAL_CONFIG)
-    assert convert.component_module(root) is not None, f"omni_jax.{root} (boxed_abstract_params / hf_rules) missing"
-    leaf_shapes = {p: s.shape for p, s in checkpoint.flatten(checkpoint.abstract_params(config, roots=(root,))).items()}
+    leaf_shapes = {p: s.shape for p, s in checkpoint.flatten(registry.abstract_params(config, roots=(root,))).items()}
     mine = [(k, s) for k, s in entries if k.startswith(root + ".")]
-    plan = convert.plan_conversion(mine, leaf_shapes, convert.all_rules(config, (root,)))
+    plan = convert.plan_conversion(mine, leaf_shapes, registry.hf_rules(config, (root,)), (root,))
     # Independent exact-cover check on top of plan_conversion's own: right slice shapes, distinct slots,
     # and element counts that add up to every leaf's size.
     slots = {(kp.path, kp.index) for kp in plan.keys}
@@ -236,8 +239,10 @@ def test_interrupted_conversion_is_not_loadable(converted, tmp_path, monkeypatch
             raise OSError("disk full (simulated)")
         return real_save(self, path, tree)
 
-    real_save = checkpoint.ItemWriter.save
-    monkeypatch.setattr(checkpoint.ItemWriter, "save", failing_save)
+    from omni_jax.checkpoint import layout
+
+    real_save = layout.ItemWriter.save
+    monkeypatch.setattr(layout.ItemWriter, "save", failing_save)
     with pytest.raises(OSError, match="simulated"):
         convert.convert_checkpoint(hf_dir, out, "bfloat16", progress=False)
     monkeypatch.undo()
@@ -283,7 +288,8 @@ _SHARDED_LOAD = textwrap.dedent("""
             out.append(axis if ok else None)
             used.add(axis) if ok else None
         return NamedSharding(mesh, P(*out))
-    boxed = checkpoint.boxed_abstract_params(config, roots=("thinker",))
+    from omni_jax.models import registry
+    boxed = registry.boxed_abstract_params(config, roots=("thinker",))
     shardings = jax.tree.map(spec, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     sharded = checkpoint.load_params(ckpt, shardings=shardings, roots=("thinker",))
     plain = checkpoint.load_params(ckpt, roots=("thinker",))

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from omni_jax import convert, parse_config
-from omni_jax.engine import ThinkerEngine
-from omni_jax.sampling import SamplingParams
-from omni_jax.thinker import Thinker, boxed_abstract_params, init_cache, text_positions
+from omni_jax.models.thinker import Thinker
+from omni_jax.nn.kv_cache import KVCache
+from omni_jax.processing.positions import text_positions
+from omni_jax.runtime import layout
+from omni_jax.runtime.sampling import SamplingParams
+from omni_jax.runtime.thinker_engine import ThinkerEngine
 
 from tests import reference
 
@@ -29,11 +31,13 @@ PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(0, 1000, n)] for i
 
 
 def _convert(cfg_dict, hf_dir):
-    config = parse_config(cfg_dict)
-    abstract = {"thinker": nn.unbox(boxed_abstract_params(config))}
-    tensors = ((k, v) for k, v in reference.read_safetensors(hf_dir)
-               if k.startswith("thinker.model.") or k == "thinker.lm_head.weight")
-    return config, convert.convert_tensors(tensors, abstract, convert.thinker_rules(config))["thinker"]
+    """The thinker's params in the layout this backend runs (unrolled, split experts on one CPU device)."""
+    config, params = reference.convert_roots(cfg_dict, hf_dir, ("thinker",))
+    return config, layout.choose().prepare(config, params)["thinker"]
+
+
+def init_cache(config, batch, length, dtype=jnp.float32):
+    return KVCache.create(config.thinker.text, batch, length, dtype)
 
 
 def _hf_greedy(hf_model, prompts, n, **kwargs):
@@ -241,7 +245,7 @@ def test_fresh_prefill_equals_reading_the_cache(base):
     over the whole emptied cache buffer ([T, max_len], stale rows masked) on ragged rows."""
     import functools
 
-    from omni_jax import engine as eng
+    from omni_jax.runtime import thinker_engine as eng
 
     _, engine, config = base
     tokens = np.zeros((2, 16), np.int32)

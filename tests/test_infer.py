@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from omni_jax import code2wav as c2w
+from omni_jax.models import code2wav as c2w
 from omni_jax.config import load_config
-from omni_jax.tokenizer import load_tokenizer
+from omni_jax.processing.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "launch", "infer.py")

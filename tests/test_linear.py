@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omni_jax.code_predictor import CodePredictor, frame_cache, split_lm_heads
+from omni_jax.models.code_predictor import CodePredictor, frame_cache, split_lm_heads
 from omni_jax.config import load_config
-from omni_jax.linear import Linear, out_in
+from omni_jax.nn.linear import Linear, out_in
 
 
 @pytest.mark.parametrize("features,axes,in_axes,x_shape,bias", [
@@ -42,7 +42,7 @@ def test_split_lm_heads_give_the_stacked_heads_logits():
     params = nn.unbox(stacked.init(jax.random.PRNGKey(1), x, pos, ck, cv, jnp.zeros((2,), jnp.int32))["params"])
     split = split_lm_heads(params)
     assert "lm_head" not in split and split_lm_heads(split).keys() == split.keys()
-    unrolled = CodePredictor(cp_cfg, groups, unroll_layers=True)
+    unrolled = CodePredictor(cp_cfg, groups)  # the same module: it reads the split heads from the params
     h = jax.random.normal(jax.random.PRNGKey(3), (2, cp_cfg.hidden_size))
     for g in (0, groups - 2):
         want = stacked.apply({"params": params}, h, g, method="logits")

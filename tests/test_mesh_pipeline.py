@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from omni_jax.convert import convert_checkpoint
+from omni_jax.checkpoint.convert import convert_checkpoint
 from tests import reference
 from tests.test_pipeline import SPECIAL, THINKER_EXTRA, _chat
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from omni_jax.config import load_config
-from omni_jax.moe import DISPATCH, SparseMoE, experts_dense, experts_grouped, experts_split, route, split_experts
+from omni_jax.nn.moe import (DISPATCH, Dispatch, SparseMoE, experts_dense, experts_grouped, experts_split, route,
+                             split_experts)
 
 E, H, I, K = 16, 32, 24, 4
 
@@ -74,7 +75,8 @@ def test_split_experts_equal_dense(weights, n, block):
 
 
 def test_sparse_moe_module_reads_split_params():
-    """SparseMoE applied to split params gives what it gives on the stacked ones; other dispatches refuse them."""
+    """SparseMoE applied to split params gives what it gives on the stacked ones, whatever dispatch policy it was
+    built with (the policy is for stacked experts; split params always run "split")."""
     cfg = load_config("tiny").talker.text  # has a shared expert too
     mod = SparseMoE(cfg)
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, cfg.hidden_size)), jnp.float32)
@@ -84,15 +86,18 @@ def test_sparse_moe_module_reads_split_params():
     split = split_experts(params)
     got = mod.apply({"params": split}, x)
     assert _rel(got, ref) < 1e-6
-    with pytest.raises(ValueError, match="split expert params run only the 'split' dispatch"):
-        SparseMoE(cfg, impl="dense").apply({"params": split}, x)
+    dense = SparseMoE(cfg, dispatch=Dispatch.always("dense"))
+    assert _rel(dense.apply({"params": split}, x), ref) < 1e-6
+    assert _rel(dense.apply({"params": params}, x), ref) < 1e-6
+    with pytest.raises(ValueError, match="unknown moe dispatch 'split'"):
+        Dispatch.always("split")
 
 
 def test_unstack_layers_splits_experts_and_consumes_segments():
     """Scanned thinker-style params -> unrolled layers with split experts, cut straight from the stack, and
     attention kernels in the [out, in] layout; consume=True empties the input as it goes and gives the same
     arrays."""
-    from omni_jax.decoder import layer_name, segments, unstack_layers
+    from omni_jax.nn.decoder import layer_name, segments, unstack_layers
 
     cfg = load_config("tiny").thinker.text
     rng = np.random.default_rng(5)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from omni_jax.errors import NumericalError
-from omni_jax.loading import load_model
-from omni_jax.pipeline import OmniPipeline
-from omni_jax.sampling import SamplingParams
-from omni_jax.streaming import stream_to_outputs
-from omni_jax.talker import TalkerSampling
+from omni_jax.runtime.loading import load_model
+from omni_jax.runtime.pipeline import OmniPipeline
+from omni_jax.runtime.sampling import SamplingParams
+from omni_jax.cli.output import stream_to_outputs
+from omni_jax.runtime.sampling import TalkerSampling
 
 # stage -> (path of the poisoned leaf, poison value)
 POISON = {

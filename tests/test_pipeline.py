@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from omni_jax import code2wav as c2w
-from omni_jax.convert import convert_checkpoint
-from omni_jax.pipeline import OmniPipeline
-from omni_jax.talker import TalkerSampling
+from omni_jax.models import code2wav as c2w
+from omni_jax.checkpoint.convert import convert_checkpoint
+from omni_jax.runtime.pipeline import OmniPipeline
+from omni_jax.runtime.sampling import TalkerSampling
 
 from tests import reference
 
@@ -161,7 +161,7 @@ def test_bf16_embedded_default():
 
 def test_chunked_prefill_pipeline_matches_single_pass():
     """--prefill_chunk only bounds prefill memory: text, codes and audio stay the same."""
-    from omni_jax.talker import TalkerSampling
+    from omni_jax.runtime.sampling import TalkerSampling
 
     runs = []
     for chunk in (None, 4):

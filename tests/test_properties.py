@@ -23,11 +23,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from omni_jax import convert, load_config
-from omni_jax.mesh import MeshSpecError, mesh_spec_string, parse_mesh_spec
-from omni_jax.sampling import top_k_filter, top_p_filter
-from omni_jax.sharding import DATA, EXPERT, TENSOR
-from omni_jax.tokenizer import added_tokens, load_tokenizer
+from omni_jax import load_config
+from omni_jax.checkpoint import convert
+from omni_jax.models import registry
+from omni_jax.sharding.mesh import MeshSpecError, mesh_spec_string, parse_mesh_spec
+from omni_jax.runtime.sampling import top_k_filter, top_p_filter
+from omni_jax.sharding.mesh import DATA, EXPERT, TENSOR
+from omni_jax.processing.tokenizer import added_tokens, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # database=None: no .hypothesis/ dir in the checkout; failures print their reproducing example.
@@ -229,12 +231,12 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(logits, p):
 def _manifest_mapping():
     """Every non-skipped real key -> (param path, stack index), and the inverse table."""
     config = load_config(os.path.join(ROOT, "configs", "qwen3_omni_30b_a3b_instruct.json"))
-    rules = convert.all_rules(config)
-    with gzip.open(os.path.join(ROOT, "tests", "data", "qwen3_omni_weight_manifest.tsv.gz"), "rt") as f:
+    rules = registry.hf_rules(config)
+    with gzip.open(os.path.join(ROOT, "tools", "data", "qwen3_omni_weight_manifest.tsv.gz"), "rt") as f:
         keys = [line.split("\t", 1)[0] for line in f][1:]
     forward = {}
     for k in keys:
-        if not k.startswith(convert.SKIP_PREFIXES):
+        if registry.owner(k).built:
             _, path, index = convert.match_key(k, rules)
             forward[k] = (path, index)
     inverse = {}

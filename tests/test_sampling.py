@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from omni_jax.sampling import SamplingParams, process_logits, sample, seen_mask_from_ids, top_k_filter, top_p_filter
+from omni_jax.runtime.sampling import SamplingParams, process_logits, sample, seen_mask_from_ids, top_k_filter, top_p_filter
 
 B, V = 4, 97
 

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from omni_jax import load_config, sharding
-from omni_jax.mesh import MeshSpecError, parse_mesh_spec
+from omni_jax import load_config
+from omni_jax.sharding import rules as sharding
+from omni_jax.sharding.mesh import MeshSpecError, parse_mesh_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("tp4ep8", "ep8", "tp2ep2")
@@ -90,9 +91,9 @@ def test_logical_spec_rules_and_fallback(caplog):
 
 def test_param_logical_axes_cover_every_thinker_param():
     """Every param leaf is boxed with logical axes, so the rules table decides every layout."""
-    from omni_jax.thinker import boxed_abstract_params
+    from omni_jax.models import registry
 
-    axes = sharding.logical_axes(boxed_abstract_params(load_config("tiny")))
+    axes = sharding.logical_axes(registry.boxed_abstract_params(load_config("tiny")))
     leaves, _ = __import__("jax").tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: x is None or isinstance(x, tuple))
     missing = [p for p, a in leaves if a is None]
     assert not missing, missing

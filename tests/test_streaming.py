@@ -1,4 +1,4 @@
-"""Streaming (omni_jax.streaming): interleaved thinker / talker / incremental Code2Wav equals the non-streaming path.
+"""Streaming (omni_jax.runtime.streaming): interleaved thinker / talker / incremental Code2Wav equals the non-streaming path.
 
 Tiny config, random fp32 weights (both paths share them), greedy thinker and talker. Equality: identical text
 tokens and codec frames, waveform within 1e-5 max abs of Code2Wav's full decode (<= 300 frames here, so that is
@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from omni_jax import code2wav as c2w
-from omni_jax.pipeline import OmniPipeline
-from omni_jax.streaming import AudioChunker, ProgressiveWav, TextDeltas, to_pcm16
-from omni_jax.talker import TalkerSampling
+from omni_jax.cli.output import ProgressiveWav, to_pcm16
+from omni_jax.models import code2wav as c2w
+from omni_jax.runtime import vocoder
+from omni_jax.runtime.pipeline import OmniPipeline
+from omni_jax.runtime.sampling import TalkerSampling
+from omni_jax.runtime.streaming import TextDeltas
+from omni_jax.runtime.vocoder import AudioChunker
 
 PROMPT = "Tell me about the sea."
 WAV_TOL = 1e-5  # max abs sample difference; both decodes fp32, only the window/summation order differs
@@ -47,7 +50,7 @@ def _check_equal(pipe, ref, stream, events, chunk):
     np.testing.assert_array_equal(np.concatenate([e.codes for e in audio], axis=1), ref.codes)
     assert all(e.frames == chunk for e in audio[:-1]) and 1 <= audio[-1].frames <= chunk
     frames = ref.codes.shape[1]
-    full = np.asarray(c2w.code2wav(pipe.params["code2wav"], ref.codes[None], pipe.config))[0]
+    full = np.asarray(vocoder.code2wav(pipe.params["code2wav"], ref.codes[None], pipe.config))[0]
     assert res.wav.shape == full.shape == ref.wav.shape == (c2w.wav_length(pipe.config, frames),)
     err_full, err_ref = float(np.abs(res.wav - full).max()), float(np.abs(res.wav - ref.wav).max())
     print(f"tokens {len(res.token_ids)} frames {frames} chunks {len(audio)}: max|stream - full decode| {err_full:.1e}, "
@@ -107,7 +110,7 @@ def test_talker_catches_up_and_waits(pipe):
 
 def test_sampled_matches_generate(pipe):
     """Sampling (thinker top-k/top-p/penalty, HF-default sampled talker): same PRNG chains, so the same output."""
-    from omni_jax.sampling import SamplingParams
+    from omni_jax.runtime.sampling import SamplingParams
 
     kw = dict(max_new_tokens=6, talker_max_new_tokens=15, sampling=SamplingParams(0.8, 20, 0.9, 1.1), seed=3)
     (ref,) = pipe.generate_ids([pipe.encode(PROMPT)], "chelsie", **kw)

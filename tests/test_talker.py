@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from omni_jax import convert, parse_config, talker
-from omni_jax.talker import Talker, TalkerGenerator, TalkerSampling
+from omni_jax import parse_config
+from omni_jax.models.code_predictor import frame_cache
+from omni_jax.models.talker import Talker
+from omni_jax.nn.kv_cache import KVCache
+from omni_jax.runtime import layout
+from omni_jax.runtime.sampling import TalkerSampling, suppressed_codec_ids
+from omni_jax.runtime.talker_engine import TalkerGenerator
+from omni_jax.runtime.talker_inputs import tts_token_ids
 
 from tests import reference
 
@@ -39,10 +45,7 @@ def _with_special(cfg: dict) -> dict:
 class Case:
     def __init__(self, hf_model, hf_dir, cfg_dict):
         cfg = _with_special(cfg_dict)
-        self.config = parse_config(cfg)
-        abstract = {"talker": nn.unbox(talker.boxed_abstract_params(self.config))}
-        tensors = ((k, v) for k, v in reference.read_safetensors(hf_dir) if k.startswith("talker."))
-        self.params = convert.convert_tensors(tensors, abstract, talker.hf_rules(self.config))["talker"]
+        self.config, params = reference.convert_roots(cfg, hf_dir, ("talker",))
         self.hf = copy.deepcopy(hf_model)  # the fixture model is shared; only our copy gets remapped ids
         for k, v in SPECIAL.items():
             setattr(self.hf.config, k, v)
@@ -51,7 +54,7 @@ class Case:
             setattr(self.hf.thinker.config, k, v)
         self.gen = TalkerGenerator(self.config)
         self.model = self.gen.model
-        self.params = self.gen.prepare_params(self.params)  # the layout gen.model reads (unrolled on CPU)
+        self.params = layout.choose().prepare(self.config, params)["talker"]  # the layout this backend runs
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def test_talker_logits(cases, name):
         hf_logits = c.hf.talker.codec_head(out.last_hidden_state).numpy()
 
     def run(params, x, pos):
-        h, _ = c.model.apply({"params": params}, x, pos, talker.init_cache(c.config, b, t), jnp.zeros((b,), jnp.int32),
+        h, _ = c.model.apply({"params": params}, x, pos, KVCache.create(c.config.talker.text, b, t), jnp.zeros((b,), jnp.int32),
                              method=Talker.forward)
         return c.model.apply({"params": params}, h, method=Talker.head)
 
@@ -128,7 +131,7 @@ def test_code_predictor_frame(cases, name):
                   + sum(cp.get_input_embeddings()[i](all_codes[:, i + 1]) for i in range(g - 1))).numpy()
 
     pos = jnp.broadcast_to(jnp.arange(g)[None], (b, g))
-    ck, cv = talker.frame_cache(tk.code_predictor, b, g, jnp.float32)
+    ck, cv = frame_cache(tk.code_predictor, b, g, jnp.float32)
     teacher_forced = jax.jit(lambda p, x: c.model.apply({"params": p}, "__call__", x, pos, ck, cv,
                                                          jnp.zeros((b,), jnp.int32), method=Talker.cp)[0])
     ours_all = teacher_forced(c.params, jnp.asarray(x.numpy()))
@@ -207,7 +210,7 @@ def _e2e(c, params, e2e, keep=None):
     accept = torch.cat([h[c.config.talker.accept_hidden_layer] for h in res.hidden_states], 1).numpy()
     valid = [mask[r].astype(bool) for r in range(len(rows))]
     with torch.no_grad():
-        tts = c.hf.thinker.get_input_embeddings()(torch.tensor(talker.tts_token_ids(c.config))).numpy()
+        tts = c.hf.thinker.get_input_embeddings()(torch.tensor(tts_token_ids(c.config))).numpy()
     inputs = c.gen.build_inputs(
         params,
         [seq[r, :lp][valid[r]] for r in range(len(rows))],
@@ -356,7 +359,7 @@ def test_sampling_settings_match_hf_processors(cases):
         RepetitionPenaltyLogitsProcessor, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
         TopPLogitsWarper,
     )
-    from omni_jax.sampling import process_logits
+    from omni_jax.runtime.sampling import process_logits
 
     config = cases["base"].config
     vocab, eos = config.talker.text.vocab_size, config.talker.codec_eos_token_id
@@ -425,4 +428,4 @@ def test_bf16_smoke(cases):
     codes = np.asarray(codes)
     assert codes.shape == (1, c.config.talker.num_code_groups)
     assert (codes[:, 1:] >= 0).all() and (codes[:, 1:] < c.config.talker.code_predictor.vocab_size).all()
-    assert codes[0, 0] not in talker.suppressed_codec_ids(c.config)  # group 0: a codec id or EOS
+    assert codes[0, 0] not in suppressed_codec_ids(c.config)  # group 0: a codec id or EOS

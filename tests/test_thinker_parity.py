@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from omni_jax import convert, parse_config
-from omni_jax.thinker import Thinker, boxed_abstract_params, init_cache
-import flax.linen as nn
+from omni_jax.models.thinker import Thinker
+from omni_jax.nn.kv_cache import KVCache
 
 from tests import reference
 
 
 def _our_params(cfg_dict, hf_dir):
-    config = parse_config(cfg_dict)
-    abstract = {"thinker": nn.unbox(boxed_abstract_params(config))}
-    tensors = ((k, v) for k, v in reference.read_safetensors(hf_dir) if k.startswith("thinker.model.") or k == "thinker.lm_head.weight")
-    return config, convert.convert_tensors(tensors, abstract, convert.thinker_rules(config))
+    return reference.convert_roots(cfg_dict, hf_dir, ("thinker",))
+
+
+def init_cache(config, batch, length, dtype=jnp.float32):
+    return KVCache.create(config.thinker.text, batch, length, dtype)
 
 
 def _rel(a, b):

@@ -9,7 +9,7 @@ import unicodedata
 
 import pytest
 
-from omni_jax.tokenizer import (
+from omni_jax.processing.tokenizer import (
     NUM_BPE_RANKS,
     QWEN_PRETOKENIZE_PATTERN,
     QwenTokenizer,

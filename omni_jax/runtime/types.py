@@ -1,0 +1,68 @@
+"""What goes in and comes out of the runtime: requests, results and streamed events.
+
+Plain data (numpy, no jax), shared by the pipeline, the streaming scheduler and the launchers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from omni_jax.errors import UsageError
+
+#: The talker prompt takes the first reply token and its trailing text starts at the second, so a reply needs two.
+MIN_SPEECH_TOKENS = 2
+
+
+@dataclasses.dataclass
+class Request:
+    """One conversation turn to answer: a prompt string or a ChatML message list."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    system: str | None = None
+    speaker: str = "ethan"
+
+    def to_messages(self) -> list[dict]:
+        if (self.prompt is None) == (self.messages is None):
+            raise UsageError("a request needs exactly one of 'prompt' or 'messages'")
+        if self.prompt is not None and not (isinstance(self.prompt, str) and self.prompt.strip()):
+            raise UsageError(f"the prompt is empty ({self.prompt!r}); give some text to answer")
+        if self.messages is not None and not self.messages:
+            raise UsageError("the request's message list is empty; give at least one message")
+        msgs = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt}]
+        if self.system is not None:
+            if msgs and msgs[0].get("role") == "system":
+                raise UsageError("request has both 'system' and a system message")
+            msgs = [{"role": "system", "content": self.system}] + msgs
+        return msgs
+
+
+@dataclasses.dataclass
+class Result:
+    text: str
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated ids (EOS included when produced)
+    finish_reason: str
+    codes: np.ndarray | None = None  # [16, frames] int32 (speech only; 0 frames for a reply too short to voice)
+    wav: np.ndarray | None = None  # [samples] float32 in [-1, 1]
+    sample_rate: int = 24000
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def audio_seconds(self) -> float:
+        return 0.0 if self.wav is None else len(self.wav) / self.sample_rate
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    """One step of output, in order. A text event has token_ids (and maybe text_delta) and audio None; an
+    audio event has audio [samples] float32 in [-1, 1] for `frames` new codec frames (codes [16, frames])."""
+
+    text_delta: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    audio: np.ndarray | None = None
+    frames: int = 0
+    t: float = 0.0  # seconds since the stream started running
+    codes: np.ndarray | None = None

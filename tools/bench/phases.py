@@ -1,0 +1,388 @@
+"""The benchmark phases, each timed side by side with transformers on the same weights (see DEFINITIONS)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from tools.bench.harness import Ctx, div, med, median, run_pair, run_rounds
+from tools.bench.roofline import (RouterLog, union_list, decoder_step_params, prefill_flops,
+                                  talker_frame_params)
+
+DEFINITIONS = {
+    "ratio": "ours throughput / theirs throughput (for times and RTFs: theirs / ours); > 1 means omni_jax is faster",
+    "prefill": "batch 1, prompt_len random ids; ours: ThinkerEngine.start (jitted prefill, last position's logits "
+               "+ first token); theirs: thinker.model forward (use_cache=True) + lm_head on the last position "
+               "(transformers' thinker has no logits_to_keep). tokens/s = prompt_len / median time",
+    "decode": "greedy, EOS disabled, decode_prompt_len random ids per row; rate = N / (median t(N+1 new tokens) - "
+              "median t(1 new token)); ours ThinkerEngine.generate, theirs thinker.generate(do_sample=False, "
+              "min_new_tokens=max_new_tokens). tokens/s summed over rows and per row",
+    "talker": "same prompt and greedy thinker for both; only the talker stage is timed (ours "
+              "TalkerGenerator.generate, theirs the talker.generate call inside generate(return_audio=True), "
+              "min_new_tokens set so codec EOS is suppressed there); frames/s = frames / time, 1 frame = 80 ms",
+    "code2wav": "code2wav_seconds of random valid codes, batch 1; ours OmniPipeline.vocode, theirs "
+                "code2wav.chunked_decode(chunk 300, left context 25); RTF = compute s / audio s",
+    "e2e": "text prompt -> speech, greedy thinker (e2e_tokens) and talker (<= e2e_frames); theirs generate("
+           "return_audio=True) (not streaming: first audio = total); ours OmniPipeline.stream (first audio chunk, "
+           "total) and OmniPipeline.generate_ids (non-streaming total); RTF = total s / audio s",
+    "bandwidth": "median copy rate of a copy_mib float32 array counting read + write bytes: numpy np.copyto and a "
+                 "jitted jax scale (donated off-CPU); the roofline uses the larger; 'read_only' is a jitted jax sum",
+    "matmul": "median rate of an n x n float32 jax matmul (2 n^3 FLOPs); torch for reference",
+    "decode_bytes": "weights one step reads: embedding rows + per layer (q/k/v/o + norms + router + the experts "
+                    "routed at that step, union over the batch rows) + final norm + head; routed counts from "
+                    "transformers' routers (hooks) on the actual generated sequences, else top-k exact at batch 1 "
+                    "and the uniform-routing expectation E(1-(1-k/E)^B) otherwise",
+    "talker_bytes": "per frame: talker step (attention + router + routed top-k + shared expert + codec head) + "
+                    "code predictor 15 steps x (all layers + final norm) + 15 group heads + 15 embedding rows",
+    "roofline_pct": "decode-like: measured steps/s / (bandwidth / bytes per step); prefill and Code2Wav: "
+                    "(FLOPs / s) / matmul FLOP/s. Prefill FLOPs = 2 x active params per token x tokens + causal "
+                    "attention scores/values + last-position head; Code2Wav FLOPs = XLA cost_analysis of our call",
+}
+
+
+def phase_prefill(ctx: Ctx) -> dict:
+    """Thinker prefill tokens/s: batch 1, --prompt_len random in-vocab ids."""
+    import jax
+    import numpy as np
+
+    from omni_jax.runtime.sampling import SamplingParams
+
+    t = ctx.cfg.thinker.text
+    n = ctx.prompt_len
+    ids = np.random.default_rng(ctx.seed).integers(0, min(t.vocab_size, 150000), n).tolist()
+    engine = ctx.pipe.engine
+
+    def ours():
+        pre = engine.start([ids], 1, SamplingParams.greedy(), eos_ids=())
+        jax.block_until_ready(pre.first)
+        engine.release(pre.state)
+
+    if ctx.hf is None:
+        theirs = None
+    else:
+        import torch
+
+        tids = torch.tensor([ids])
+        mask = torch.ones_like(tids)
+
+        def theirs():
+            with torch.inference_mode():
+                out = ctx.hf.thinker.model(input_ids=tids, attention_mask=mask, use_cache=True)
+                ctx.hf.thinker.lm_head(out[0][:, -1:])
+
+    res: dict = {"prompt_len": n}
+    ro, rt = run_pair(ctx, ours, theirs, res)
+    res["ours_s"], res["theirs_s"] = med(ro), med(rt)
+    res["ours_tokens_per_s"], res["theirs_tokens_per_s"] = div(n, res["ours_s"]), div(n, res["theirs_s"])
+    res["ratio"] = div(res["ours_tokens_per_s"], res["theirs_tokens_per_s"])
+    res["flops"] = prefill_flops(t, n)
+    if ctx.machine:
+        mm = ctx.machine["matmul_flops_per_s"]
+        res["roofline_tokens_per_s"] = mm / (res["flops"] / n)
+        res["ours_roofline_pct"] = 100 * div(res["flops"], res["ours_s"]) / mm
+        if res["theirs_s"]:
+            res["theirs_roofline_pct"] = 100 * div(res["flops"], res["theirs_s"]) / mm
+    return res
+
+
+def phase_decode(ctx: Ctx) -> dict:
+    """Thinker decode tokens/s per batch size: N / (t(N+1 tokens) - t(1 token)), greedy, EOS disabled."""
+    import numpy as np
+
+    from omni_jax.runtime.sampling import SamplingParams
+
+    t = ctx.cfg.thinker.text
+    n = ctx.decode_tokens
+    rng = np.random.default_rng(ctx.seed + 1)
+    out = {"new_tokens": n, "prompt_len": ctx.decode_prompt_len}
+    for batch in ctx.batch_sizes:
+        prompts = rng.integers(0, min(t.vocab_size, 150000), (batch, ctx.decode_prompt_len)).tolist()
+
+        def ours_gen(m):
+            return lambda: ctx.pipe.engine.generate(prompts, m, SamplingParams.greedy(), eos_ids=())
+
+        res: dict = {"batch": batch}
+        ours_short, ours_long = ours_gen(1), ours_gen(n + 1)
+        theirs_short = theirs_long = None
+        if ctx.hf is not None:
+            import torch
+
+            tids = torch.tensor(prompts)
+            mask = torch.ones_like(tids)
+
+            def theirs_gen(m):
+                def run():
+                    with torch.inference_mode():
+                        return ctx.hf.thinker.generate(input_ids=tids, attention_mask=mask, max_new_tokens=m,
+                                                       min_new_tokens=m, do_sample=False, pad_token_id=0)
+                return run
+
+            theirs_short, theirs_long = theirs_gen(1), theirs_gen(n + 1)
+        ro, rt = run_rounds(ctx, [ours_short, ours_long],
+                            None if theirs_short is None else [theirs_short, theirs_long], res)
+        for who, runs in (("ours", ro), ("theirs", rt)):
+            ta, tb = (med(runs[0]), med(runs[1])) if runs else (None, None)
+            res[f"{who}_t1_s"], res[f"{who}_tN1_s"] = ta, tb
+            rate = n / (tb - ta) if (ta is not None and tb is not None and tb > ta) else None
+            res[f"{who}_tokens_per_s"] = None if rate is None else rate * batch
+            res[f"{who}_tokens_per_s_per_row"] = rate
+        res["ratio"] = div(res["ours_tokens_per_s"], res["theirs_tokens_per_s"])
+        measured = None
+        if ctx.hf is not None:  # untimed run with router hooks: experts actually routed per decode step
+            log = RouterLog(ctx.hf, "thinker.")
+            try:
+                theirs_long()
+            finally:
+                log.remove()
+            measured = log.union_per_layer(batch)
+        union, how = union_list(t, measured, batch)
+        res["routed_experts_per_layer"], res["routed_experts_source"] = union, how
+        res["bytes_per_step"] = decoder_step_params(t, union, batch) * ctx.dtype_bytes
+        if ctx.machine:
+            steps = ctx.machine["bandwidth_Bps"] / res["bytes_per_step"]
+            res["roofline_tokens_per_s"] = steps * batch
+            for who in ("ours", "theirs"):
+                if res.get(f"{who}_tokens_per_s"):
+                    res[f"{who}_roofline_pct"] = 100 * res[f"{who}_tokens_per_s"] / res["roofline_tokens_per_s"]
+        out[f"batch{batch}"] = res
+    return out
+
+
+def _our_thinker_for_talker(ctx: Ctx):
+    """Our greedy thinker on the chat prompt (collect_hidden) -> the talker's inputs, as OmniPipeline does."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from omni_jax.runtime.sampling import SamplingParams
+    from omni_jax.runtime.talker_inputs import tts_token_ids
+
+    pipe = ctx.pipe
+    out = pipe.engine.generate([ctx.prompt_ids], ctx.e2e_tokens, SamplingParams.greedy(), collect_hidden=True,
+                               eos_ids=ctx.eos)
+    table = pipe.params["thinker"]["embed_tokens"]["embedding"]
+    tts = np.asarray(jnp.take(table, jnp.asarray(tts_token_ids(pipe.config)), axis=0), np.float32)
+    n = out.total_lengths[0]
+    inputs = pipe.talker.build_inputs(pipe.params["talker"], [np.asarray(ctx.prompt_ids)],
+                                      [np.asarray(out.tokens[0])], [out.embeds[0, :n]], [out.accept_hidden[0, :n]],
+                                      tts, ["ethan"], thinker_eos_ids=ctx.eos)
+    return out.tokens[0], inputs
+
+
+@contextlib.contextmanager
+def _hf_talker_only(hf, box: dict):
+    """Time transformers' talker.generate inside its full generate and skip its Code2Wav (instance patches)."""
+    import torch
+
+    original = hf.talker.generate
+
+    def timed_generate(*args, **kwargs):
+        t0 = time.perf_counter()
+        result = original(*args, **kwargs)
+        box["s"] = time.perf_counter() - t0
+        box["frames"] = sum(1 for h in result.hidden_states if h[-1] is not None)
+        return result
+
+    hf.talker.generate = timed_generate
+    hf.code2wav.chunked_decode = lambda codes, **kw: torch.zeros(codes.shape[0], 1, 1)
+    try:
+        yield
+    finally:
+        del hf.talker.generate, hf.code2wav.chunked_decode
+
+
+def phase_talker(ctx: Ctx) -> dict:
+    """Talker + code predictor frames/s on the same prompt; only the talker stage is timed."""
+    import jax
+
+    from omni_jax.runtime.sampling import TalkerSampling
+
+    f = ctx.talker_frames
+    tokens, inputs = _our_thinker_for_talker(ctx)
+    res: dict = {"target_frames": f, "thinker_tokens": len(tokens)}
+
+    def ours():
+        t0 = time.perf_counter()
+        talk = ctx.pipe.talker.generate(ctx.pipe.params["talker"], inputs, f + 1, TalkerSampling.greedy(),
+                                        rng=jax.random.PRNGKey(1), penalty_from=None)
+        return {"s": time.perf_counter() - t0, "frames": int(talk.lengths[0])}
+
+    if ctx.hf is None:
+        theirs = None
+    else:
+        import torch
+
+        tids = torch.tensor([ctx.prompt_ids])
+
+        def theirs():
+            box: dict = {}
+            with _hf_talker_only(ctx.hf, box), torch.inference_mode():
+                seqs, _ = ctx.hf.generate(input_ids=tids, return_audio=True, speaker="Ethan",
+                                          thinker_max_new_tokens=ctx.e2e_tokens, thinker_do_sample=False,
+                                          thinker_eos_token_id=list(ctx.eos), talker_max_new_tokens=f + 1,
+                                          talker_min_new_tokens=f + 1, talker_do_sample=False)
+            box["thinker_tokens"] = seqs[0, len(ctx.prompt_ids):].tolist()
+            return box
+
+    ro, rt = run_pair(ctx, ours, theirs, res)
+    for who, runs in (("ours", ro), ("theirs", rt)):
+        if runs:
+            res[f"{who}_s"], res[f"{who}_frames"] = med(runs), int(med(runs, "frames"))
+            res[f"{who}_frames_per_s"] = median([r["frames"] / r["s"] for r in runs if r["s"] and r["frames"]])
+    if rt:
+        res["thinker_tokens_match"] = rt[-1]["thinker_tokens"] == list(tokens)
+    res["ratio"] = div(res.get("ours_frames_per_s"), res.get("theirs_frames_per_s"))
+    tk = ctx.cfg.talker.text
+    union, how = union_list(tk, None, 1)
+    res["routed_experts_source"] = how
+    parts = talker_frame_params(ctx.cfg, union)
+    res["bytes_per_frame"] = {k: v * ctx.dtype_bytes for k, v in parts.items()}
+    if ctx.machine:
+        res["roofline_frames_per_s"] = ctx.machine["bandwidth_Bps"] / res["bytes_per_frame"]["total"]
+        for who in ("ours", "theirs"):
+            if res.get(f"{who}_frames_per_s"):
+                res[f"{who}_roofline_pct"] = 100 * res[f"{who}_frames_per_s"] / res["roofline_frames_per_s"]
+    return res
+
+
+def _code2wav_flops(ctx: Ctx, codes) -> float | None:
+    """XLA's cost analysis of the Code2Wav call our vocode makes (<= 300 frames: one padded full decode)."""
+    import jax
+    import numpy as np
+
+    from omni_jax import buckets
+    from omni_jax.runtime import vocoder
+
+    n = codes.shape[-1]
+    if n > vocoder.CHUNK_SIZE:
+        return None
+    width = buckets.bucket(n, 16, cap=vocoder.CHUNK_SIZE)
+    padded = np.pad(codes, ((0, 0), (0, 0), (0, width - n)))
+    cfg = ctx.cfg.code2wav
+    fn = jax.jit(lambda p, c: vocoder.code2wav(p, c, cfg, dtype=ctx.pipe.dtype))
+    lowered = fn.lower(ctx.pipe.params["code2wav"], padded)
+    cost = None
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends only analyse compiled code
+        pass
+    if not cost or "flops" not in (cost if isinstance(cost, dict) else cost[0]):
+        cost = lowered.compile().cost_analysis()
+    cost = cost if isinstance(cost, dict) else cost[0]
+    return float(cost["flops"])
+
+
+def phase_code2wav(ctx: Ctx) -> dict:
+    """Code2Wav real-time factor on --code2wav_seconds of random valid codes (batch 1)."""
+    import numpy as np
+
+    cfg = ctx.cfg.code2wav
+    frames = max(1, round(ctx.code2wav_seconds * ctx.pipe.sample_rate / cfg.total_upsample))
+    codes = np.random.default_rng(ctx.seed + 2).integers(0, cfg.codebook_size, (1, cfg.num_quantizers, frames))
+    codes = codes.astype(np.int32)
+    res: dict = {"frames": frames, "audio_s": frames * cfg.total_upsample / ctx.pipe.sample_rate}
+
+    def ours():
+        wav = ctx.pipe.vocode(codes, [frames])[0]
+        return {"samples": len(wav)}
+
+    if ctx.hf is None:
+        theirs = None
+    else:
+        import torch
+
+        tcodes = torch.tensor(codes, dtype=torch.long)
+
+        def theirs():
+            with torch.inference_mode():
+                wav = ctx.hf.code2wav.chunked_decode(tcodes, chunk_size=300, left_context_size=25)
+            return {"samples": int(wav.shape[-1])}
+
+    ro, rt = run_pair(ctx, ours, theirs, res)
+    res["ours_s"], res["theirs_s"] = med(ro), med(rt)
+    res["ours_rtf"], res["theirs_rtf"] = div(res["ours_s"], res["audio_s"]), div(res["theirs_s"], res["audio_s"])
+    res["ratio"] = div(res["theirs_rtf"], res["ours_rtf"])
+    res["flops"] = _code2wav_flops(ctx, codes)
+    if ctx.machine and res["flops"]:
+        mm = ctx.machine["matmul_flops_per_s"]
+        res["roofline_rtf"] = res["flops"] / mm / res["audio_s"]
+        res["ours_roofline_pct"] = 100 * res["flops"] / res["ours_s"] / mm
+        if res["theirs_s"]:
+            res["theirs_roofline_pct"] = 100 * res["flops"] / res["theirs_s"] / mm
+    return res
+
+
+def phase_e2e(ctx: Ctx) -> dict:
+    """Text -> speech: time to first audio and total real-time factor (greedy thinker and talker)."""
+    from omni_jax.runtime.sampling import SamplingParams
+    from omni_jax.runtime.sampling import TalkerSampling
+
+    pipe = ctx.pipe
+    kw = dict(max_new_tokens=ctx.e2e_tokens, talker_max_new_tokens=ctx.e2e_frames + 1,
+              sampling=SamplingParams.greedy(), talker_sampling=TalkerSampling.greedy(), eos_ids=ctx.eos)
+
+    def ours_stream():
+        t0 = time.perf_counter()
+        first_text = first_audio = None
+        chunks, samples, last = [], 0, None
+        for ev in pipe.stream(list(ctx.prompt_ids), chunk_frames=ctx.stream_chunk, **kw):
+            now = time.perf_counter() - t0
+            if ev.token_ids and first_text is None:
+                first_text = now
+            if ev.audio is not None and len(ev.audio):
+                if first_audio is None:
+                    first_audio = now
+                else:
+                    chunks.append((now - last) / (len(ev.audio) / pipe.sample_rate))
+                last = now
+                samples += len(ev.audio)
+        total = time.perf_counter() - t0
+        return {"s": total, "time_to_first_text_s": first_text, "time_to_first_audio_s": first_audio,
+                "audio_s": samples / pipe.sample_rate, "chunk_rtf_median": median(chunks)}
+
+    def ours_generate():
+        t0 = time.perf_counter()
+        r = pipe.generate_ids([ctx.prompt_ids], **kw)[0]
+        return {"s": time.perf_counter() - t0, "audio_s": r.audio_seconds, "tokens": len(r.token_ids),
+                "frames": int(r.codes.shape[-1]), **r.timings}
+
+    if ctx.hf is None:
+        theirs = None
+    else:
+        import torch
+
+        tids = torch.tensor([ctx.prompt_ids])
+
+        def theirs():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                seqs, wav = ctx.hf.generate(input_ids=tids, return_audio=True, speaker="Ethan",
+                                            thinker_max_new_tokens=ctx.e2e_tokens, thinker_do_sample=False,
+                                            thinker_eos_token_id=list(ctx.eos),
+                                            talker_max_new_tokens=ctx.e2e_frames + 1, talker_do_sample=False)
+            total = time.perf_counter() - t0
+            return {"s": total, "audio_s": wav.shape[-1] / pipe.sample_rate,
+                    "tokens": int(seqs.shape[-1]) - len(ctx.prompt_ids)}
+
+    res: dict = {"prompt_tokens": len(ctx.prompt_ids)}
+    (so, go), rt = run_rounds(ctx, [ours_stream, ours_generate], None if theirs is None else [theirs], res)
+    rt = rt[0] if rt else []
+    res["ours_stream"] = {k: med(so, k) for k in ("s", "time_to_first_text_s", "time_to_first_audio_s", "audio_s",
+                                                  "chunk_rtf_median")}
+    res["ours_generate"] = {k: med(go, k) for k in ("s", "audio_s", "tokens", "frames", "thinker_s", "talker_s",
+                                                    "code2wav_s")}
+    if rt:
+        res["theirs"] = {k: med(rt, k) for k in ("s", "audio_s", "tokens")}
+    ours_rtf = div(res["ours_generate"]["s"], res["ours_generate"]["audio_s"])
+    theirs_rtf = div(res["theirs"]["s"], res["theirs"]["audio_s"]) if rt else None
+    res["ours_rtf"], res["theirs_rtf"] = ours_rtf, theirs_rtf
+    res["ours_stream_rtf"] = div(res["ours_stream"]["s"], res["ours_stream"]["audio_s"])
+    res["ours_time_to_first_audio_s"] = res["ours_stream"]["time_to_first_audio_s"]
+    res["theirs_time_to_first_audio_s"] = res["theirs"]["s"] if rt else None
+    res["ratio"] = div(theirs_rtf, ours_rtf)
+    res["first_audio_ratio"] = div(res["theirs_time_to_first_audio_s"], res["ours_time_to_first_audio_s"])
+    res["first_audio_over_non_streaming_total"] = div(res["ours_time_to_first_audio_s"], res["ours_generate"]["s"])
+    return res
+
+
+PHASE_FNS = {"prefill": phase_prefill, "decode": phase_decode, "talker": phase_talker,
+             "code2wav": phase_code2wav, "e2e": phase_e2e}

@@ -1,0 +1,58 @@
+"""The human-readable table of a benchmark report."""
+
+from __future__ import annotations
+
+
+
+
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        s = f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    else:
+        s = str(v)
+    return s + unit
+
+
+def table_rows(phases: dict) -> list[tuple]:
+    """(phase row, ours, theirs, ratio, our roofline %, target = roofline figure) for the human table."""
+    rows = []
+    p = phases.get("prefill")
+    if p:
+        rows.append(("prefill tok/s", p["ours_tokens_per_s"], p["theirs_tokens_per_s"], p["ratio"],
+                     p.get("ours_roofline_pct"), p.get("roofline_tokens_per_s")))
+    d = phases.get("decode")
+    if d:
+        for key, r in d.items():
+            if key.startswith("batch"):
+                rows.append((f"decode b{r['batch']} tok/s", r["ours_tokens_per_s"], r["theirs_tokens_per_s"],
+                             r["ratio"], r.get("ours_roofline_pct"), r.get("roofline_tokens_per_s")))
+    t = phases.get("talker")
+    if t:
+        rows.append(("talker+cp frames/s", t.get("ours_frames_per_s"), t.get("theirs_frames_per_s"), t["ratio"],
+                     t.get("ours_roofline_pct"), t.get("roofline_frames_per_s")))
+    c = phases.get("code2wav")
+    if c:
+        rows.append(("code2wav RTF", c["ours_rtf"], c["theirs_rtf"], c["ratio"], c.get("ours_roofline_pct"),
+                     c.get("roofline_rtf")))
+    e = phases.get("e2e")
+    if e:
+        rows.append(("e2e first audio s", e["ours_time_to_first_audio_s"], e["theirs_time_to_first_audio_s"],
+                     e["first_audio_ratio"], None, None))
+        rows.append(("e2e total RTF", e["ours_rtf"], e["theirs_rtf"], e["ratio"], None, None))
+    return rows
+
+
+def print_table(title: str, phases: dict) -> None:
+    print(f"\n{title}")
+    head = ("phase", "ours", "theirs", "ratio", "roofline %", "target")
+    print(f"{head[0]:<22}{head[1]:>12}{head[2]:>12}{head[3]:>9}{head[4]:>12}{head[5]:>12}")
+    for name, ours, theirs, ratio, pct, target in table_rows(phases):
+        print(f"{name:<22}{_fmt(ours):>12}{_fmt(theirs):>12}{_fmt(ratio):>9}{_fmt(pct):>12}{_fmt(target):>12}")
+    compile_s = {k: v.get("compile_s") for k, v in phases.items() if isinstance(v, dict) and "compile_s" in v}
+    for k, v in phases.get("decode", {}).items():
+        if k.startswith("batch"):
+            compile_s[f"decode {k}"] = v.get("compile_s")
+    if compile_s:
+        print("our compile s: " + ", ".join(f"{k} {_fmt(v)}" for k, v in compile_s.items()))
