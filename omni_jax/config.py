@@ -43,10 +43,9 @@ def _check(cond: bool, path: str, msg: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
-    """A (possibly MoE) causal decoder: thinker text model, talker, code predictor."""
+class TransformerShape:
+    """What every transformer stack here has: widths, depth, attention heads, norm epsilon, RoPE base."""
 
-    vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -55,6 +54,13 @@ class DecoderConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig(TransformerShape):
+    """A (possibly MoE) causal decoder: thinker text model, talker, code predictor."""
+
+    vocab_size: int
     mrope_section: tuple[int, ...] | None  # None: plain 1-D RoPE
     mrope_interleaved: bool = True
     attention_bias: bool = False
@@ -185,17 +191,11 @@ class TalkerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Code2WavConfig:
+class Code2WavConfig(TransformerShape):
+    """The vocoder: a sliding-window transformer (TransformerShape) over code embeddings, then the conv decoder."""
+
     codebook_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     sliding_window: int
-    rms_norm_eps: float
-    rope_theta: float
     layer_scale_initial_scale: float
     num_quantizers: int
     decoder_dim: int

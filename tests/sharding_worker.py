@@ -61,9 +61,10 @@ def _layout_params(config, params, root, mesh, shardings):
     return layout.choose(None).prepare(config, {root: params})[root]
 
 
-def _greedy_generate(steps, params, cache, prompt, lengths, num_new: int):
-    """Greedy tokens [B, num_new] and the logits that chose them [B, num_new, V], through the engine's own
-    compiled prefill and decode steps (ThinkerSteps), EOS disabled."""
+def _greedy_generate(steps, params, cache, prompt, lengths, num_new: int, logits: bool = True):
+    """Greedy tokens [B, num_new] (and, with logits, the logits that chose them [B, num_new, V] as numpy) through
+    the engine's own compiled prefill and decode steps (ThinkerSteps), EOS disabled. The decode step donates
+    its state, so each step's logits are copied to the host before the next step runs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -73,12 +74,13 @@ def _greedy_generate(steps, params, cache, prompt, lengths, num_new: int):
     greedy = SamplingParams.greedy()
     state, first, _ = steps.prefill_fn(params, cache, prompt, lengths, jax.random.PRNGKey(0),
                                        np.int32(num_new), np.array([-1], np.int32), sampling=greedy)
-    toks, all_logits = [first], [state.logits]
+    toks, all_logits = [first], [np.asarray(state.logits)] if logits else []
     for _ in range(num_new - 1):
         state, tok, _, _ = steps.decode_fn(params, state, sampling=greedy)
         toks.append(tok)
-        all_logits.append(state.logits)
-    return jnp.stack(toks, axis=1), jnp.stack(all_logits, axis=1)
+        if logits:
+            all_logits.append(np.asarray(state.logits))
+    return jnp.stack(toks, axis=1), (np.stack(all_logits, axis=1) if logits else None)
 
 
 def _run_thinker(config, params, prompt, lengths, mesh):
@@ -89,7 +91,7 @@ def _run_thinker(config, params, prompt, lengths, mesh):
     steps = ThinkerSteps(config, mesh=mesh)
     params = _layout_params(config, params, "thinker", mesh, steps.param_shardings() if mesh is not None else None)
     toks, logits = _greedy_generate(steps, params, steps.cache(B, L), prompt, lengths, NEW)
-    return steps, params, np.asarray(toks), np.asarray(logits)
+    return steps, params, np.asarray(toks), logits
 
 
 def _run_talker(config, mesh):
@@ -208,7 +210,7 @@ def multiprocess(out_dir: str, pid: int, nproc: int, port: int, spec: str) -> No
     row = jax.sharding.NamedSharding(mesh, sharding.logical_spec(("batch", None), prompt.shape, mesh))
     prompt, lengths = sharding.place(prompt, row), sharding.place(lengths, jax.sharding.NamedSharding(
         mesh, sharding.logical_spec(("batch",), lengths.shape, mesh)))
-    toks, _ = _greedy_generate(steps, params, steps.cache(B, L), prompt, lengths, NEW)
+    toks, _ = _greedy_generate(steps, params, steps.cache(B, L), prompt, lengths, NEW, logits=False)
     toks = multihost_utils.process_allgather(toks, tiled=True)  # numpy, on every process
     if is_primary():
         with open(os.path.join(out_dir, "multiprocess.json"), "w") as f:

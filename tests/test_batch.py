@@ -20,8 +20,9 @@ import soundfile as sf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = os.path.join(REPO, "launch", "batch.py")
-# Small budgets and batch 2 everywhere, so every run reuses the same compiled shapes.
-SMALL = ["--batch_size=2", "--max_new_tokens=4", "--talker_max_new_tokens=6"]
+# Small budgets and batch 2 everywhere, so every run reuses the same compiled shapes; greedy, so a resumed batch
+# (which samples with another seed) must still give the same text.
+SMALL = ["--batch_size=2", "--max_new_tokens=4", "--talker_max_new_tokens=6", "--greedy", "--talker_greedy"]
 PROMPTS = ["Hello!", "What is two plus two?", "Name a color.", "Tell me a joke.", "Where is Paris?",
            "Good night.", "Count to three.", "Say yes."]
 RUN_TIMEOUT_S = 300

@@ -128,8 +128,8 @@ def random_params(config: OmniConfig, dtype: Any, seed: int = 0, roots: Iterable
             value = rng.normal(0.0, 0.02, leaf.shape).astype(np.float32)
         return jnp.asarray(value, dtype)
 
-    abstract = abstract_params(config, dtype, roots)
-    return {r: jax.tree_util.tree_map_with_path(draw, abstract[r]) for r in abstract}
+    abstract = abstract_params(config, dtype, roots)  # (a tree_map result: keys sorted, so draw in table order)
+    return {r: jax.tree_util.tree_map_with_path(draw, abstract[r]) for r in _roots(config, roots)}
 
 
 def hf_rules(config: OmniConfig, roots: Iterable[str] | None = None) -> list[Rule]:

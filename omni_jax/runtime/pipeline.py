@@ -94,28 +94,16 @@ class OmniPipeline:
         request = Request(prompt=request) if isinstance(request, str) else request
         return self.tokenizer.apply_chat_template(request.to_messages(), add_generation_prompt=True)
 
-    def generate(
-        self,
-        requests: Sequence[Request | str],
-        *,
-        text_only: bool = False,
-        max_new_tokens: int = 256,
-        talker_max_new_tokens: int = 1024,
-        sampling: SamplingParams | None = None,
-        talker_sampling: TalkerSampling | None = None,
-        seed: int = 0,
-        callback: Callable[[int, int], None] | None = None,
-    ) -> list[Result]:
-        """Answer every request (ChatML template applied); rows share one compiled batch.
-        callback(row, token_id) streams text tokens."""
+    def generate(self, requests: Sequence[Request | str], *, text_only: bool = False,
+                 callback: Callable[[int, int], None] | None = None, **options: Any) -> list[Result]:
+        """Answer every request (chat template applied); rows share one compiled batch. callback(row, token_id)
+        streams text tokens; options are `generate_ids`'s (max_new_tokens, talker_max_new_tokens, sampling,
+        talker_sampling, seed, eos_ids)."""
         requests = [Request(prompt=r) if isinstance(r, str) else r for r in requests]
         if not requests:
             raise UsageError("no requests given")
-        return self.generate_ids(
-            [self.encode(r) for r in requests], [r.speaker for r in requests], text_only=text_only,
-            max_new_tokens=max_new_tokens, talker_max_new_tokens=talker_max_new_tokens, sampling=sampling,
-            talker_sampling=talker_sampling, seed=seed, callback=callback,
-        )
+        return self.generate_ids([self.encode(r) for r in requests], [r.speaker for r in requests],
+                                 text_only=text_only, callback=callback, **options)
 
     def generate_ids(
         self,
@@ -205,23 +193,11 @@ class OmniPipeline:
         return vocoder.vocode(self.params["code2wav"], codes, lengths, self.config, chunk_size=chunk_size,
                               left_context_size=left_context_size, dtype=self.dtype)
 
-    def stream(
-        self,
-        prompt_or_request: Request | str | Sequence[int],
-        *,
-        speaker: str | None = None,
-        max_new_tokens: int = 256,
-        talker_max_new_tokens: int = 1024,
-        sampling: SamplingParams | None = None,
-        talker_sampling: TalkerSampling | None = None,
-        seed: int = 0,
-        chunk_frames: int = 4,
-        eos_ids: Sequence[int] | None = None,
-    ):
+    def stream(self, prompt_or_request: Request | str | Sequence[int], **options: Any) -> SpeechStream:
         """Stream one request (batch 1): an iterator of `omni_jax.runtime.types.StreamEvent` (text deltas as tokens
         arrive, audio chunks of `chunk_frames` codec frames while the thinker is still writing); same tokens,
         frames and (up to float order) waveform as `generate`. A str/Request gets the chat template; a list of
-        ints is used as exact prompt ids. After exhaustion `.result` is the `Result`, `.stats` the schedule."""
-        return SpeechStream(self, prompt_or_request, speaker=speaker, max_new_tokens=max_new_tokens,
-                            talker_max_new_tokens=talker_max_new_tokens, sampling=sampling,
-                            talker_sampling=talker_sampling, seed=seed, chunk_frames=chunk_frames, eos_ids=eos_ids)
+        ints is used as exact prompt ids. options: `SpeechStream`'s (speaker, max_new_tokens,
+        talker_max_new_tokens, sampling, talker_sampling, seed, chunk_frames, eos_ids). After exhaustion
+        `.result` is the `Result`, `.stats` the schedule."""
+        return SpeechStream(self, prompt_or_request, **options)
