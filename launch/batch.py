@@ -357,6 +357,7 @@ def main(argv):
         print("summary: " + json.dumps(summary), flush=True)
 
 
+flags.mark_flags_as_required(["input", "output_dir"])
+
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["input", "output_dir"])
     cli.run(main)

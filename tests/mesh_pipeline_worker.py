@@ -1,4 +1,4 @@
-"""Subprocess body for tests/test_mesh_pipeline.py: the whole OmniPipeline on one device and under meshes.
+"""Subprocess body for tests/test_mesh_pipeline.py: the whole OmniPipeline under device meshes.
 
   python -m tests.mesh_pipeline_worker CKPT PROMPTS_JSON OUT_DIR
 
@@ -65,13 +65,10 @@ def main(ckpt: str, prompts_json: str, out_dir: str) -> None:
     with open(prompts_json) as f:
         job = json.load(f)
     report = {"devices": jax.device_count(), "runs": {}}
-    for name in ("single",) + MESHES:
+    for name in MESHES:
         t0 = time.perf_counter()
-        if name == "single":
-            mesh = None
-        else:
-            n = math.prod(int(x) for x in re.findall(r"\d+", name))
-            mesh = make_mesh(name, devices=jax.devices()[:n])
+        n = math.prod(int(x) for x in re.findall(r"\d+", name))
+        mesh = make_mesh(name, devices=jax.devices()[:n])
         pipe = OmniPipeline.load(ckpt, dtype=jnp.float32, max_len=job["max_len"], mesh=mesh)
         res = pipe.generate_ids(job["prompts"], job["speakers"], max_new_tokens=job["thinker_new"],
                                 talker_max_new_tokens=job["talker_new"], talker_sampling=TalkerSampling.greedy(),
@@ -83,8 +80,8 @@ def main(ckpt: str, prompts_json: str, out_dir: str) -> None:
             arrays[f"wav_{row}"] = np.asarray(r.wav)
         np.savez(os.path.join(out_dir, f"{name}.npz"), **arrays)
         report["runs"][name] = {
-            "mesh": None if mesh is None else mesh_spec_string(mesh),
-            "mesh_devices": 1 if mesh is None else int(mesh.devices.size),
+            "mesh": mesh_spec_string(mesh),
+            "mesh_devices": int(mesh.devices.size),
             "tokens": [list(map(int, r.token_ids)) for r in res],
             "seconds": time.perf_counter() - t0,
         }

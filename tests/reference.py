@@ -68,6 +68,28 @@ def chat_ids(rng, system_len: int, user_len: int) -> list[int]:
     return out + [s["im_start_token_id"], s["assistant_token_id"], 198]
 
 
+def hf_generate(hf, prompt: list[int], speaker: str, thinker_new: int, talker_new: int, eos_id: int):
+    """transformers' greedy single-sequence speech generate: (new text ids, codes [16, T] fed to code2wav,
+    waveform)."""
+    import torch
+
+    cap, orig = {}, hf.code2wav.chunked_decode
+
+    def chunked_decode(codes, **kw):
+        cap["codes"] = codes.clone()
+        return orig(codes, **kw)
+
+    hf.code2wav.chunked_decode = chunked_decode
+    try:
+        seq, wav = hf.generate(
+            input_ids=torch.tensor([prompt]), speaker=speaker, return_audio=True, thinker_do_sample=False,
+            talker_do_sample=False, thinker_max_new_tokens=thinker_new, talker_max_new_tokens=talker_new,
+            thinker_eos_token_id=eos_id)
+    finally:
+        del hf.code2wav.chunked_decode
+    return seq[0, len(prompt):].tolist(), cap["codes"][0].numpy(), wav.reshape(-1).numpy()
+
+
 def convert_roots(cfg_dict: dict, hf_dir: str, roots=("thinker",)):
     """(config, {root: params}) of the given components, converted in memory from a saved HF dir
     (checkpoint layout, numpy), with the converter's own rules and the registry's key ownership."""

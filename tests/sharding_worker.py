@@ -16,13 +16,13 @@ import sys
 
 
 def _setup(devices: int) -> None:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    """Simulated devices before jax loads; the rest (cache, CPU, test XLA flags) comes from the parent."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
-    cache = os.environ.get("OMNI_JAX_TEST_COMPILE_CACHE", os.path.join(root, ".jax_cache"))
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(cache))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    from tests import procs
+
+    os.environ["XLA_FLAGS"] = procs.xla_flags(devices)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 B, T, L, NEW = 2, 5, 16, 4  # batch, prompt bucket, cache length, generated tokens
@@ -94,35 +94,6 @@ def _run_thinker(config, params, prompt, lengths, mesh):
     return steps, params, np.asarray(toks), logits
 
 
-def _run_talker(config, mesh):
-    """Greedy talker codes (all groups) through TalkerGenerator, sharded when mesh is given."""
-    import jax
-    import numpy as np
-
-    from omni_jax.models import registry
-    from omni_jax.runtime.sampling import TalkerSampling
-    from omni_jax.runtime.talker_engine import TalkerGenerator
-    from omni_jax.runtime.talker_inputs import TalkerInputs
-
-    params = registry.init_params(config, jax.random.PRNGKey(3), roots=("talker",))["talker"]
-    h = config.talker.text.hidden_size
-    tb = 6
-    rng = np.random.default_rng(4)
-    inputs = TalkerInputs(
-        embeds=jax.numpy.asarray(rng.normal(size=(B, tb, h)).astype(np.float32) * 0.5),
-        lengths=np.array([tb, tb - 2], np.int32),
-        trailing=jax.numpy.asarray(rng.normal(size=(B, 3, h)).astype(np.float32) * 0.5),
-        tts_pad=jax.numpy.asarray(rng.normal(size=(h,)).astype(np.float32) * 0.5),
-        input_ids=np.zeros((B, tb), np.int64),
-    )
-    gen = TalkerGenerator(config, mesh=mesh)
-    params = _layout_params(config, params, "talker", mesh, gen.param_shardings() if mesh is not None else None)
-    sampling = TalkerSampling.greedy()
-    state, _ = gen.start(params, inputs, 6, sampling)
-    out = gen.generate(params, inputs, 6, sampling)
-    return np.asarray(out.codes), np.asarray(out.lengths), np.asarray(state.hidden)
-
-
 def _moe_hlo(config, mesh) -> dict:
     """Compiled HLO collectives of one sharded MoE layer, plus a control that really all-gathers expert weights."""
     import flax.linen as nn
@@ -157,9 +128,7 @@ def meshes(out_dir: str) -> None:
     import jax
     import numpy as np
 
-    from omni_jax.runtime import layout
     from omni_jax.runtime.sampling import SamplingParams
-    from omni_jax.runtime.thinker_engine import ThinkerEngine
     from omni_jax.sharding import rules as sharding
     from tools import hlo_inspect
 
@@ -180,14 +149,6 @@ def meshes(out_dir: str) -> None:
             report["moe"] = _moe_hlo(config, mesh)
             report["moe_param_specs"] = {k: v for k, v in sharding.describe(steps.param_shardings()).items()
                                          if "/mlp/" in k}
-    rows = [list(map(int, r[:n])) for r, n in zip(np.asarray(prompt), np.asarray(lengths))]
-    for name, mesh in (("single", None), ("tp4ep8", _mesh("tp4ep8"))):
-        run_params = params if mesh is not None else layout.choose(None).prepare(config, {"thinker": params})["thinker"]
-        res = ThinkerEngine(config, run_params, max_len=L, mesh=mesh).generate(rows, NEW)
-        report[f"engine_{name}"] = res.tokens
-    for name, mesh in (("single", None), ("tp4ep8", _mesh("tp4ep8"))):
-        codes, lengths, hidden = _run_talker(config, mesh)
-        np.savez(os.path.join(out_dir, f"talker_{name}.npz"), codes=codes, lengths=lengths, hidden=hidden)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f)
 

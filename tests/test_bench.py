@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+from tests import procs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROWS = ("prefill tok/s", "decode b1 tok/s", "decode b2 tok/s", "talker+cp frames/s", "code2wav RTF",
@@ -15,16 +17,11 @@ ROWS = ("prefill tok/s", "decode b1 tok/s", "decode b2 tok/s", "talker+cp frames
 
 def test_bench_tiny_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               # reuse the suite's persistent compilation cache (tests/conftest.py) so warm runs stay short
-               JAX_COMPILATION_CACHE_DIR=os.path.abspath(
-                   os.environ.get("OMNI_JAX_TEST_COMPILE_CACHE", os.path.join(ROOT, ".jax_cache"))),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     cmd = [sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--config=tiny", "--repeats=1",
-           f"--work_dir={tmp_path / 'work'}", f"--json_out={out}", "--prompt_len=32", "--decode_prompt_len=8",
-           "--decode_tokens=32", "--batch_sizes=1,2", "--talker_frames=4", "--code2wav_seconds=1", "--e2e_tokens=4",
-           "--e2e_frames=4", "--max_len=96", "--copy_mib=16", "--matmul_n=256", "--nobf16_too"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+           f"--work_dir={tmp_path / 'work'}", f"--json_out={out}", "--prompt_len=16", "--decode_prompt_len=8",
+           "--decode_tokens=8", "--batch_sizes=1,2", "--talker_frames=4", "--code2wav_seconds=0.5", "--e2e_tokens=4",
+           "--e2e_frames=4", "--max_len=64", "--copy_mib=4", "--matmul_n=128", "--nobf16_too"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=procs.env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     number = r"[-+0-9.,e]+"
     for row in ROWS:  # phase, ours, theirs, ratio, ...: every row has numeric ours / theirs / ratio columns

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests import procs
+
 import orbax.checkpoint as ocp
 
 from omni_jax import checkpoint
@@ -34,7 +36,7 @@ from omni_jax.checkpoint.safetensors import INDEX_NAME, SafetensorsError, read_h
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "launch", "convert.py")
 INFER = os.path.join(ROOT, "launch", "infer.py")
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+ENV = procs.env()
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,8 @@
-"""Bad inputs through the real launchers (one subprocess per case): exit code, message, no traceback, no output.
+"""Bad inputs through the real launchers: exit code, message, no traceback, no output.
+
+The cases of each (launcher, device count) run in one subprocess (tests/launcher_cases.py: the launcher's
+own entry point per case, flags reset, own working directory), not one process each: a fresh JAX import
+was most of a case's cost.
 
 Contract (omni_jax.cli): exit 0 success, 2 usage error, 1 runtime failure; a user error prints one
 `error: ...` line on stderr and no traceback (unless --verbosity=1). Every case here fails before the
@@ -8,12 +12,15 @@ neither the --output file nor a stray temp file.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests import procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "launch", "infer.py")
@@ -95,19 +102,9 @@ CASES = {
 }
 
 
-def _env(devices: int | None = None) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    env.pop("XLA_FLAGS", None)
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
 def _run(script: str, args: list[str], cwd, devices: int | None = None) -> subprocess.CompletedProcess:
-    if script == INFER and not any(a.startswith("--output=") for a in args):
-        args = [*args, f"--output={OUT}"]
-    return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True, env=_env(devices),
+    """One launcher process, exactly as a user starts it."""
+    return subprocess.run([sys.executable, script, *_with_output(script, args)], cwd=cwd, capture_output=True, text=True, env=procs.env(devices),
                           timeout=300)
 
 
@@ -115,18 +112,49 @@ def _listing(root) -> set[str]:
     return {os.path.relpath(os.path.join(d, f), root) for d, dirs, files in os.walk(root) for f in files + dirs}
 
 
+def _with_output(script: str, args: list[str]) -> list[str]:
+    if script == INFER and not any(a.startswith("--output=") for a in args):
+        return [*args, f"--output={OUT}"]
+    return list(args)
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """{case: (result dict, working dir, its listing before the run)}: every case, one process per group."""
+    groups: dict[tuple, list[str]] = {}
+    for case, (script, _, _, _, devices) in CASES.items():
+        groups.setdefault((script, devices), []).append(case)
+    out = {}
+    for (script, devices), names in groups.items():
+        work = tmp_path_factory.mktemp("cli_cases")
+        jobs = []
+        for case in names:
+            cwd = work / case
+            cwd.mkdir()
+            for name, data in FILES.items():
+                (cwd / name).write_bytes(data)
+            out[case] = (None, cwd, _listing(cwd))
+            jobs.append({"args": _with_output(script, CASES[case][1]), "cwd": str(cwd)})
+        (work / "cases.json").write_text(json.dumps(jobs))
+        proc = subprocess.run([sys.executable, "-m", "tests.launcher_cases", script, str(work / "cases.json"),
+                               str(work / "results.json")], cwd=ROOT, capture_output=True, text=True,
+                              env=procs.env(devices), timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        for case, res in zip(names, json.loads((work / "results.json").read_text())):
+            out[case] = (res,) + out[case][1:]
+    return out
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(case, tmp_path):
-    script, args, code, fragment, devices = CASES[case]
-    for name, data in FILES.items():
-        (tmp_path / name).write_bytes(data)
-    before = _listing(tmp_path)
-    proc = _run(script, args, tmp_path, devices)
-    assert proc.returncode == code, f"exit {proc.returncode} != {code}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert fragment in proc.stderr, proc.stderr
+def test_bad_input(case, bad_input_runs):
+    _, _, code, fragment, _ = CASES[case]
+    res, cwd, before = bad_input_runs[case]
+    rc, stdout, stderr = res["returncode"], res["stdout"], res["stderr"]
+    assert rc == code, f"exit {rc} != {code}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    assert fragment in stderr, stderr
     # batch.py reports input lines as "bad input: line N: ..." (its --strict stop included)
-    assert ("error: " in proc.stderr or "bad input: " in proc.stderr) and "Traceback" not in proc.stderr, proc.stderr
-    assert _listing(tmp_path) == before  # no output file, no half-created dir, no leftover temp file
+    assert ("error: " in stderr or "bad input: " in stderr) and "Traceback" not in stderr, stderr
+    assert _listing(cwd) == before  # no output file, no half-created dir, no leftover temp file
 
 
 def test_verbosity_shows_traceback(tmp_path):

@@ -4,7 +4,6 @@ the documented left context equals the full decode; the documented receptive fie
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

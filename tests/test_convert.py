@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests import procs
 import torch
 
 from omni_jax import checkpoint, load_config, parse_config
@@ -268,8 +270,6 @@ def test_interrupted_conversion_is_not_loadable(converted, tmp_path, monkeypatch
 
 _SHARDED_LOAD = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np, flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec as P
     from omni_jax import checkpoint, load_config
@@ -308,8 +308,8 @@ _SHARDED_LOAD = textwrap.dedent("""
 def test_sharded_restore_on_four_devices(converted):
     """Restore straight into NamedShardings over a (1, 2, 2) CPU mesh; values equal the unsharded load."""
     _, _, ckpt = converted["sharded_f32"]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_LOAD, ckpt], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_LOAD, ckpt], capture_output=True, text=True,
+                          env=procs.env(devices=4), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ok = [line for line in proc.stdout.splitlines() if line.startswith("OK")]
     assert ok and int(ok[0].split()[1]) > 10, proc.stdout[-2000:]  # many leaves really split across devices

@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from tests import procs
 import soundfile as sf
 
 from omni_jax.models import code2wav as c2w
@@ -24,12 +26,8 @@ BUDGET = ["--max_new_tokens=5", "--talker_max_new_tokens=6", "--max_len=128"]
 
 
 def _run(args, cwd, stdin=None, devices=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     proc = subprocess.run([sys.executable, INFER, *args], cwd=cwd, input=stdin, capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=procs.env(devices), timeout=300)
     return proc
 
 
@@ -81,6 +79,19 @@ def test_mesh_matches_single_device(hello, tmp_path):
     assert got["generated_ids"] == ref["generated_ids"]
     np.testing.assert_array_equal(np.load(tmp_path / "dump" / "codes.npy"), np.load(tmp / "dump" / "codes.npy"))
     assert not list(tmp_path.glob("*.wav"))  # --output= writes no WAV
+
+
+def test_text_only_with_random_tiny_weights(tmp_path):
+    """No --checkpoint: the tiny config's random weights, announced as such; --text_only writes no audio."""
+    out = _ok(_run(["--prompt=你好,世界", "--text_only", "--greedy", f"--dump_dir={tmp_path}/dump", *BUDGET], tmp_path))
+    assert "RANDOM" in out and "weights" in out
+    lines = out.splitlines()
+    stats = next(i for i, line in enumerate(lines) if line.startswith("[11 prompt tokens, 5 generated"))
+    assert lines[stats + 1].strip()  # the generated text itself
+    dump = json.loads((tmp_path / "dump" / "tokens.json").read_text())
+    assert dump["prompt_ids"][:4] == [151644, 872, 198, 108386]  # <|im_start|>user\n你好
+    assert len(dump["generated_ids"]) == 5
+    assert not list(tmp_path.glob("*.wav")) and not (tmp_path / "dump" / "codes.npy").exists()
 
 
 def test_interactive_keeps_history(tmp_path):

@@ -1,11 +1,12 @@
-"""The whole speech pipeline under device meshes equals the single-device run.
+"""The whole speech pipeline under device meshes equals transformers.
 
 A small random transformers checkpoint is saved, converted with the real converter (fp32) and run by
 `OmniPipeline.load(ckpt, mesh=...)` in one subprocess with 32 simulated CPU devices (tests/
-mesh_pipeline_worker.py): one device, tp4ep8 (32 devices), ep8 (8) and tp2ep2 (4). The fixture has 8
-thinker / 8 talker experts and 2 KV heads in both LMs, so tp4 also exercises the replicated-KV-head
-fallback. Greedy text tokens and all 16 code groups must be identical; the waveform and the thinker's
-prefill logits may differ only by fp32 summation order (sharded matmuls and psums).
+mesh_pipeline_worker.py): tp4ep8 (32 devices), ep8 (8) and tp2ep2 (4). The fixture has 8 thinker / 8
+talker experts and 2 KV heads in both LMs, so tp4 also exercises the replicated-KV-head fallback. Each
+mesh is compared with transformers' own greedy `generate(..., return_audio=True)` per prompt (the
+single-device path meets the same oracle in tests/test_pipeline.py): greedy text tokens and all 16 code
+groups identical; the waveform and the thinker's prefill logits may differ only by fp32 summation order.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from omni_jax.checkpoint.convert import convert_checkpoint
-from tests import reference
+from tests import reference, procs
 from tests.test_pipeline import SPECIAL, THINKER_EXTRA, _chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,8 +48,8 @@ def mesh_pipeline_run(tmp_path_factory):
     cfg = reference.hf_config_dict(reference.tiny_config_dict())
     cfg.update(SPECIAL)
     cfg["thinker_config"].update(THINKER_EXTRA)
-    hf_dir = reference.save_hf_model(reference.build_hf_model(cfg, seed=SEED),
-                                     str(tmp_path_factory.mktemp("mesh_pipe_hf")))
+    hf = reference.build_hf_model(cfg, seed=SEED)
+    hf_dir = reference.save_hf_model(hf, str(tmp_path_factory.mktemp("mesh_pipe_hf")))
     work = tmp_path_factory.mktemp("mesh_pipe")
     ckpt = str(work / "ckpt")
     convert_checkpoint(hf_dir, ckpt, dtype="float32", progress=False)
@@ -59,39 +61,43 @@ def mesh_pipeline_run(tmp_path_factory):
         json.dump(job, f)
     out = str(work / "out")
     os.makedirs(out)
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tests.mesh_pipeline_worker", ckpt, job_path, out], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1200)
+                          env=procs.env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     print(proc.stdout, f"worker {time.perf_counter() - t0:.1f}s")
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     load = lambda name: dict(np.load(os.path.join(out, f"{name}.npz")))
-    return report, {name: load(name) for name in ("single",) + MESHES}, job
+    want = {}
+    for r, (prompt, speaker) in enumerate(zip(job["prompts"], SPEAKERS)):
+        tokens, want[f"codes_{r}"], want[f"wav_{r}"] = reference.hf_generate(
+            hf, prompt, speaker, THINKER_NEW, TALKER_NEW, SPECIAL["im_end_token_id"])
+        want.setdefault("tokens", []).append(tokens)
+        with torch.no_grad():
+            want[f"logits_{r}"] = hf.thinker(input_ids=torch.tensor([prompt])).logits[0].numpy()
+    return report, {name: load(name) for name in MESHES}, want, job
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("spec", MESHES)
-def test_pipeline_under_mesh_matches_single_device(mesh_pipeline_run, spec):
-    report, arrays, job = mesh_pipeline_run
+def test_pipeline_under_mesh_matches_transformers(mesh_pipeline_run, spec):
+    report, arrays, want, job = mesh_pipeline_run
     assert report["devices"] == 32
-    run, ref = report["runs"][spec], report["runs"]["single"]
-    assert run["mesh_devices"] == {"tp4ep8": 32, "ep8": 8, "tp2ep2": 4}[spec] and ref["mesh_devices"] == 1
-    got, want = arrays[spec], arrays["single"]
-    logit_err = _rel(got["logits"], want["logits"])
+    run, got = report["runs"][spec], arrays[spec]
+    assert run["mesh_devices"] == {"tp4ep8": 32, "ep8": 8, "tp2ep2": 4}[spec]
+    rows = range(len(job["prompts"]))
+    logit_err = max(_rel(got["logits"][r, : len(job["prompts"][r])], want[f"logits_{r}"]) for r in rows)
     wav_errs = [(float(np.max(np.abs(got[f"wav_{r}"] - want[f"wav_{r}"]))), _rel_l2(got[f"wav_{r}"], want[f"wav_{r}"]))
-                for r in range(len(job["prompts"]))]
+                for r in rows]
     print(f"{spec}: prefill logits rel {logit_err:.2e}; wav (max abs, rel L2) per row {wav_errs}")
     assert logit_err <= 1e-4  # fp32: only the summation order of sharded matmuls / psums differs
-    assert run["tokens"] == ref["tokens"]  # greedy text identical
-    for r in range(len(job["prompts"])):
-        assert len(ref["tokens"][r]) >= 2  # long enough to voice, so codes/wav below are non-trivial
+    assert run["tokens"] == want["tokens"]  # greedy text identical
+    for r in rows:
+        assert len(want["tokens"][r]) >= 2  # long enough to voice, so codes/wav below are non-trivial
         codes, ref_codes = got[f"codes_{r}"], want[f"codes_{r}"]
-        assert ref_codes.shape[0] == 16 and ref_codes.shape[1] >= 1
+        assert ref_codes.shape == (16, TALKER_NEW - 1)  # no codec EOS in the budget
         np.testing.assert_array_equal(codes, ref_codes)  # all 16 code groups of every frame, greedy
         assert got[f"wav_{r}"].shape == want[f"wav_{r}"].shape and want[f"wav_{r}"].size > 0
         max_abs, rel_l2 = wav_errs[r]
-        assert max_abs <= 1e-5 and rel_l2 <= 1e-4  # same codes in, fp32 vocoder; summation order only
+        assert max_abs <= 1e-5 and rel_l2 <= 1e-4  # same codes in, fp32 vocoders; summation order only

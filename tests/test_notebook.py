@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
@@ -29,10 +28,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     prefix = tmp_path / "jupyter"
     kernelspec.install(kernel_name=KERNEL, prefix=str(prefix))
     monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-    if jax.config.jax_compilation_cache_dir:  # share the test session's compile cache with the kernel
-        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+    # The kernel inherits the session's environment (tests/conftest.py): CPU, the shared compile cache.
     monkeypatch.delenv("MPLBACKEND", raising=False)
 
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -65,23 +65,8 @@ class Case:
         self.prompts = [_chat(rng, *s) for s in shapes]
 
     def hf_generate(self, prompt: list[int], speaker: str):
-        """HF single-sequence generate; returns (generated ids, codes [16, T] fed to code2wav, waveform)."""
-        hf, cap = self.hf, {}
-        orig = hf.code2wav.chunked_decode
-
-        def chunked_decode(codes, **kw):
-            cap["codes"] = codes.clone()
-            return orig(codes, **kw)
-
-        hf.code2wav.chunked_decode = chunked_decode
-        try:
-            seq, wav = hf.generate(
-                input_ids=torch.tensor([prompt]), speaker=speaker, return_audio=True, thinker_do_sample=False,
-                talker_do_sample=False, thinker_max_new_tokens=self.thinker_new,
-                talker_max_new_tokens=self.talker_new, thinker_eos_token_id=SPECIAL["im_end_token_id"])
-        finally:
-            del hf.code2wav.chunked_decode
-        return seq[0, len(prompt):].tolist(), cap["codes"][0].numpy(), wav.reshape(-1).numpy()
+        return reference.hf_generate(self.hf, prompt, speaker, self.thinker_new, self.talker_new,
+                                     SPECIAL["im_end_token_id"])
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 Multi-device checks run tests/sharding_worker.py in subprocesses (XLA_FLAGS must be set before
 jax loads): one process with 32 simulated CPU devices for the meshes, two processes with 4
 devices each for the multi-host check. The tiny config has 8 experts, 4 heads and 2 KV heads,
-so tp4 exercises the replicate-what-does-not-divide fallback on KV heads / cache.
+so tp4 exercises the replicate-what-does-not-divide fallback on KV heads / cache. The engine's
+loop and the talker under the same meshes are compared with transformers end to end in
+tests/test_mesh_pipeline.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from tests import procs
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from omni_jax import load_config
@@ -102,18 +106,11 @@ def test_param_logical_axes_cover_every_thinker_param():
 # ----------------------------------------------------------------------------- multi-device runs
 
 
-def _worker_env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.fixture(scope="module")
 def mesh_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sharding_meshes"))
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.sharding_worker", "meshes", out], cwd=ROOT, env=_worker_env(),
+        [sys.executable, "-m", "tests.sharding_worker", "meshes", out], cwd=ROOT, env=procs.env(),
         capture_output=True, text=True, timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -131,28 +128,6 @@ def test_thinker_sharded_matches_single_device(mesh_run, spec):
     # fp32: only the summation order of the sharded matmuls / psums differs.
     assert _rel(got["logits"], ref["logits"]) <= 1e-4, (spec, _rel(got["logits"], ref["logits"]))
     np.testing.assert_array_equal(got["tokens"], ref["tokens"])
-
-
-@pytest.mark.heavy
-def test_engine_with_mesh_matches_single_device(mesh_run):
-    """ThinkerEngine(mesh=...) (the engine's own prefill/decode loop, jitted under the mesh) emits the same greedy tokens."""
-    out, report = mesh_run
-    ref = np.load(os.path.join(out, "thinker_single.npz"))["tokens"]
-    assert report["engine_tp4ep8"] == report["engine_single"]
-    # Rows stop at EOS; otherwise the engine agrees with the stand-alone greedy steps token for token.
-    for row, toks in enumerate(report["engine_single"]):
-        assert toks == ref[row, : len(toks)].tolist()
-
-
-@pytest.mark.heavy
-def test_talker_sharded_matches_single_device(mesh_run):
-    out, _ = mesh_run
-    ref = np.load(os.path.join(out, "talker_single.npz"))
-    got = np.load(os.path.join(out, "talker_tp4ep8.npz"))
-    assert _rel(got["hidden"], ref["hidden"]) <= 1e-4  # prefill hidden state; fp32, summation order only
-    assert ref["codes"].shape[1] == 16 and ref["lengths"].max() > 0
-    np.testing.assert_array_equal(got["lengths"], ref["lengths"])
-    np.testing.assert_array_equal(got["codes"], ref["codes"])  # all 16 code groups of every frame, greedy
 
 
 def _expert_weight_like(shape, tp: int) -> bool:
@@ -206,22 +181,22 @@ def _free_port() -> int:
 def test_two_processes_match_one(mesh_run, tmp_path):
     out, _ = mesh_run
     port = _free_port()
-    procs = [
+    workers = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.sharding_worker", "multiprocess", str(tmp_path), str(i), "2", str(port), "tp2ep4"],
-            cwd=ROOT, env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, env=procs.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
     ]
     logs = []
     try:
-        for p in procs:
+        for p in workers:
             logs.append(p.communicate(timeout=600)[0])
     finally:
-        for p in procs:
+        for p in workers:
             if p.poll() is None:
                 p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    assert all(p.returncode == 0 for p in workers), "\n".join(log[-3000:] for log in logs)
     with open(tmp_path / "multiprocess.json") as f:
         got = json.load(f)
     assert got["process_count"] == 2 and got["devices"] == 8

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import copy
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from omni_jax import parse_config
 from omni_jax.models.code_predictor import frame_cache
 from omni_jax.models.talker import Talker
 from omni_jax.nn.kv_cache import KVCache
