@@ -65,7 +65,7 @@ def main(ckpt: str, prompts_json: str, out_dir: str) -> None:
     with open(prompts_json) as f:
         job = json.load(f)
     report = {"devices": jax.device_count(), "runs": {}}
-    for name in MESHES:
+    for name in job.get("meshes", MESHES):
         t0 = time.perf_counter()
         n = math.prod(int(x) for x in re.findall(r"\d+", name))
         mesh = make_mesh(name, devices=jax.devices()[:n])

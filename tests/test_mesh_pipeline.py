@@ -56,19 +56,6 @@ def mesh_pipeline_run(tmp_path_factory):
     rng = np.random.default_rng(SEED)
     job = {"prompts": [_chat(rng, *r) for r in ROWS], "speakers": SPEAKERS, "thinker_new": THINKER_NEW,
            "talker_new": TALKER_NEW, "max_len": MAX_LEN, "eos_ids": [SPECIAL["im_end_token_id"]]}
-    job_path = str(work / "job.json")
-    with open(job_path, "w") as f:
-        json.dump(job, f)
-    out = str(work / "out")
-    os.makedirs(out)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tests.mesh_pipeline_worker", ckpt, job_path, out], cwd=ROOT,
-                          env=procs.env(), capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    print(proc.stdout, f"worker {time.perf_counter() - t0:.1f}s")
-    with open(os.path.join(out, "report.json")) as f:
-        report = json.load(f)
-    load = lambda name: dict(np.load(os.path.join(out, f"{name}.npz")))
     want = {}
     for r, (prompt, speaker) in enumerate(zip(job["prompts"], SPEAKERS)):
         tokens, want[f"codes_{r}"], want[f"wav_{r}"] = reference.hf_generate(
@@ -76,15 +63,31 @@ def mesh_pipeline_run(tmp_path_factory):
         want.setdefault("tokens", []).append(tokens)
         with torch.no_grad():
             want[f"logits_{r}"] = hf.thinker(input_ids=torch.tensor([prompt])).logits[0].numpy()
-    return report, {name: load(name) for name in MESHES}, want, job
+    return ckpt, work, want, job
+
+
+def _run_mesh(ckpt: str, work, job: dict, spec: str):
+    """One worker process (32 simulated devices) per mesh, so each test stays short: (report, arrays)."""
+    out = work / f"out_{spec}"
+    out.mkdir()
+    job_path = work / f"job_{spec}.json"
+    job_path.write_text(json.dumps(dict(job, meshes=[spec])))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "tests.mesh_pipeline_worker", ckpt, str(job_path), str(out)],
+                          cwd=ROOT, env=procs.env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    print(proc.stdout, f"worker {time.perf_counter() - t0:.1f}s")
+    report = json.loads((out / "report.json").read_text())
+    return report, dict(np.load(out / f"{spec}.npz"))
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("spec", MESHES)
 def test_pipeline_under_mesh_matches_transformers(mesh_pipeline_run, spec):
-    report, arrays, want, job = mesh_pipeline_run
+    ckpt, work, want, job = mesh_pipeline_run
+    report, got = _run_mesh(ckpt, work, job, spec)
     assert report["devices"] == 32
-    run, got = report["runs"][spec], arrays[spec]
+    run = report["runs"][spec]
     assert run["mesh_devices"] == {"tp4ep8": 32, "ep8": 8, "tp2ep2": 4}[spec]
     rows = range(len(job["prompts"]))
     logit_err = max(_rel(got["logits"][r, : len(job["prompts"][r])], want[f"logits_{r}"]) for r in rows)
