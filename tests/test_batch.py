@@ -16,8 +16,9 @@ import time
 
 import pytest
 
-from tests import procs
 import soundfile as sf
+
+from tests import procs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = os.path.join(REPO, "launch", "batch.py")

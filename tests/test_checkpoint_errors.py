@@ -23,8 +23,6 @@ import jax
 import numpy as np
 import pytest
 
-from tests import procs
-
 import orbax.checkpoint as ocp
 
 from omni_jax import checkpoint
@@ -32,6 +30,8 @@ from omni_jax.checkpoint import convert
 from omni_jax.checkpoint import layout as checkpoint_layout
 from omni_jax.errors import CheckpointError, CheckpointNotFoundError, UsageError
 from omni_jax.checkpoint.safetensors import INDEX_NAME, SafetensorsError, read_header, write_safetensors
+
+from tests import procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "launch", "convert.py")

@@ -104,8 +104,8 @@ CASES = {
 
 def _run(script: str, args: list[str], cwd, devices: int | None = None) -> subprocess.CompletedProcess:
     """One launcher process, exactly as a user starts it."""
-    return subprocess.run([sys.executable, script, *_with_output(script, args)], cwd=cwd, capture_output=True, text=True, env=procs.env(devices),
-                          timeout=300)
+    return subprocess.run([sys.executable, script, *_with_output(script, args)], cwd=cwd, capture_output=True,
+                          text=True, env=procs.env(devices), timeout=300)
 
 
 def _listing(root) -> set[str]:
@@ -127,21 +127,21 @@ def bad_input_runs(tmp_path_factory):
     out = {}
     for (script, devices), names in groups.items():
         work = tmp_path_factory.mktemp("cli_cases")
-        jobs = []
-        for case in names:
-            cwd = work / case
+        dirs = {case: work / case for case in names}
+        for cwd in dirs.values():
             cwd.mkdir()
             for name, data in FILES.items():
                 (cwd / name).write_bytes(data)
-            out[case] = (None, cwd, _listing(cwd))
-            jobs.append({"args": _with_output(script, CASES[case][1]), "cwd": str(cwd)})
+        before = {case: _listing(cwd) for case, cwd in dirs.items()}
+        jobs = [{"args": _with_output(script, CASES[case][1]), "cwd": str(dirs[case])} for case in names]
         (work / "cases.json").write_text(json.dumps(jobs))
         proc = subprocess.run([sys.executable, "-m", "tests.launcher_cases", script, str(work / "cases.json"),
                                str(work / "results.json")], cwd=ROOT, capture_output=True, text=True,
                               env=procs.env(devices), timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        for case, res in zip(names, json.loads((work / "results.json").read_text())):
-            out[case] = (res,) + out[case][1:]
+        results = json.loads((work / "results.json").read_text())
+        assert len(results) == len(names), (len(results), names)
+        out.update({case: (res, dirs[case], before[case]) for case, res in zip(names, results)})
     return out
 
 

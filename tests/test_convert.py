@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import procs
 import torch
 
 from omni_jax import checkpoint, load_config, parse_config
@@ -24,6 +23,8 @@ from omni_jax.checkpoint.safetensors import index_checkpoint, read_header, write
 from omni_jax.models import registry
 from omni_jax.models.thinker import Thinker
 from omni_jax.nn.kv_cache import KVCache
+
+from tests import procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = os.path.join(ROOT, "tools", "data", "qwen3_omni_weight_manifest.tsv.gz")

@@ -1,9 +1,8 @@
 """Generation engine: greedy parity with transformers, per-row stopping, hidden-state collection,
-bounded compilation, input validation, and the command-line launcher."""
+bounded compilation and input validation (the launcher on these weights: tests/test_infer.py)."""
 
 import collections
 import contextlib
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ from omni_jax.runtime.thinker_engine import ThinkerEngine
 
 from tests import reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_NEW = 32
 GREEDY = SamplingParams.greedy()
 PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(0, 1000, n)] for i, n in enumerate((5, 9, 3))]

@@ -13,12 +13,13 @@ import sys
 import numpy as np
 import pytest
 
-from tests import procs
 import soundfile as sf
 
 from omni_jax.models import code2wav as c2w
 from omni_jax.config import load_config
 from omni_jax.processing.tokenizer import load_tokenizer
+
+from tests import procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "launch", "infer.py")

@@ -1,8 +1,8 @@
 """The whole speech pipeline under device meshes equals transformers.
 
 A small random transformers checkpoint is saved, converted with the real converter (fp32) and run by
-`OmniPipeline.load(ckpt, mesh=...)` in one subprocess with 32 simulated CPU devices (tests/
-mesh_pipeline_worker.py): tp4ep8 (32 devices), ep8 (8) and tp2ep2 (4). The fixture has 8 thinker / 8
+`OmniPipeline.load(ckpt, mesh=...)` in one subprocess per mesh, each with 32 simulated CPU devices
+(tests/mesh_pipeline_worker.py): tp4ep8 (32 devices), ep8 (8) and tp2ep2 (4). The fixture has 8 thinker / 8
 talker experts and 2 KV heads in both LMs, so tp4 also exercises the replicated-KV-head fallback. Each
 mesh is compared with transformers' own greedy `generate(..., return_audio=True)` per prompt (the
 single-device path meets the same oracle in tests/test_pipeline.py): greedy text tokens and all 16 code
@@ -44,7 +44,8 @@ def _rel_l2(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def mesh_pipeline_run(tmp_path_factory):
+def mesh_reference(tmp_path_factory):
+    """The converted checkpoint, a work dir, transformers' greedy outputs per prompt, and the job."""
     cfg = reference.hf_config_dict(reference.tiny_config_dict())
     cfg.update(SPECIAL)
     cfg["thinker_config"].update(THINKER_EXTRA)
@@ -83,8 +84,8 @@ def _run_mesh(ckpt: str, work, job: dict, spec: str):
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("spec", MESHES)
-def test_pipeline_under_mesh_matches_transformers(mesh_pipeline_run, spec):
-    ckpt, work, want, job = mesh_pipeline_run
+def test_pipeline_under_mesh_matches_transformers(mesh_reference, spec):
+    ckpt, work, want, job = mesh_reference
     report, got = _run_mesh(ckpt, work, job, spec)
     assert report["devices"] == 32
     run = report["runs"][spec]

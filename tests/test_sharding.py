@@ -20,12 +20,13 @@ import sys
 import numpy as np
 import pytest
 
-from tests import procs
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from omni_jax import load_config
 from omni_jax.sharding import rules as sharding
 from omni_jax.sharding.mesh import MeshSpecError, parse_mesh_spec
+
+from tests import procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("tp4ep8", "ep8", "tp2ep2")
