@@ -26,7 +26,7 @@ BATCH = os.path.join(REPO, "launch", "batch.py")
 # resumed batch (which samples with another seed) must still give the same text.
 SMALL = ["--batch_size=2", "--max_len=128", "--max_new_tokens=4", "--talker_max_new_tokens=6", "--greedy",
          "--talker_greedy"]
-PROMPTS = ["Hello!", "What is two plus two?", "Name a color.", "Tell me a joke.", "Where is Paris?", "Say yes."]
+PROMPTS = ["Hello!", "What is two plus two?", "Name a color.", "Tell me a joke."]
 RUN_TIMEOUT_S = 300
 
 
@@ -75,7 +75,7 @@ def test_sigkill_then_resume(tmp_path):
     out = tmp_path / "out"
     rng = random.Random(1234)
     kills_mid_job = 0
-    for k in range(3):
+    for k in range(2):
         before = len(_records(out))
         proc = subprocess.Popen(_cmd(inp, out), cwd=REPO, env=procs.env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
