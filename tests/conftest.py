@@ -39,3 +39,15 @@ def hf_checkpoints(tmp_path_factory):
         reference.save_hf_model(model, d)
         out[name] = (model, d, cfg)
     return out
+
+#: The KV-cache length of every test pipeline over the embedded tiny model: one set of compiled shapes.
+TINY_MAX_LEN = 128
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """OmniPipeline over the embedded tiny random-weight model (fp32), shared by every test module of a worker:
+    loading and tracing it once per process instead of once per module. Tests that patch its params restore them."""
+    from omni_jax.runtime.pipeline import OmniPipeline
+
+    return OmniPipeline.load(None, max_len=TINY_MAX_LEN)

@@ -15,7 +15,25 @@ import io
 import json
 import os
 import runpy
+import subprocess
 import sys
+
+
+def run_cases(script: str, cases: list[dict], work_dir: str, devices: int | None = None) -> list[dict]:
+    """Run `cases` ([{"args", "cwd"}]) through `script` in one subprocess; [{"returncode", "stdout", "stderr"}]."""
+    from tests import procs
+
+    cases_path, out_path = os.path.join(work_dir, "cases.json"), os.path.join(work_dir, "results.json")
+    with open(cases_path, "w") as f:
+        json.dump(cases, f)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "tests.launcher_cases", script, cases_path, out_path], cwd=root,
+                          capture_output=True, text=True, env=procs.env(devices), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out_path) as f:
+        results = json.load(f)
+    assert len(results) == len(cases), (len(results), len(cases))
+    return results
 
 
 def main(script: str, cases_path: str, out_path: str) -> None:

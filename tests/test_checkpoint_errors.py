@@ -31,7 +31,7 @@ from omni_jax.checkpoint import layout as checkpoint_layout
 from omni_jax.errors import CheckpointError, CheckpointNotFoundError, UsageError
 from omni_jax.checkpoint.safetensors import INDEX_NAME, SafetensorsError, read_header, write_safetensors
 
-from tests import procs
+from tests import launcher_cases, procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "launch", "convert.py")
@@ -43,9 +43,10 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=ENV, timeout=300)
 
 
-def _assert_fails(proc: subprocess.CompletedProcess, code: int, fragments: tuple[str, ...], output: str) -> None:
-    err = proc.stderr
-    assert proc.returncode == code, f"exit {proc.returncode}, want {code}; stderr:\n{err[-3000:]}"
+def _assert_fails(res: dict, code: int, fragments: tuple[str, ...], output: str) -> None:
+    """res: one launcher run's {"returncode", "stderr", ...} (tests.launcher_cases)."""
+    err = res["stderr"]
+    assert res["returncode"] == code, f"exit {res['returncode']}, want {code}; stderr:\n{err[-3000:]}"
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert lines, err[-3000:]
@@ -188,15 +189,27 @@ HF_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def convert_runs(hf_sharded, tmp_path_factory):
+    """{case: (result, out_dir)}: every broken HF directory through launch/convert.py, in one launcher process."""
+    work = tmp_path_factory.mktemp("convert_cases")
+    jobs, outs = [], {}
+    for case, (make, _, _) in sorted(HF_CASES.items()):
+        tmp = work / case
+        tmp.mkdir()
+        outs[case] = str(tmp / "out")
+        jobs.append({"args": [f"--hf_dir={make(hf_sharded, tmp)}", f"--out_dir={outs[case]}", "--dtype=float32",
+                              "--noprogress"], "cwd": str(tmp)})
+    results = launcher_cases.run_cases(CONVERT, jobs, str(work))
+    return {case: (res, outs[case]) for case, res in zip(sorted(HF_CASES), results)}
+
+
 @pytest.mark.parametrize("case", sorted(HF_CASES))
-def test_convert_rejects_broken_hf_checkpoint(case, hf_sharded, tmp_path):
-    make, code, fragments = HF_CASES[case]
-    hf_dir = make(hf_sharded, tmp_path)
-    out = str(tmp_path / "out")
-    t0 = time.time()
-    proc = _run(CONVERT, f"--hf_dir={hf_dir}", f"--out_dir={out}", "--dtype=float32", "--noprogress")
-    print(f"{case}: exit {proc.returncode} in {time.time() - t0:.1f} s:", proc.stderr[proc.stderr.find("error: "):][:400])
-    _assert_fails(proc, code, fragments, out)
+def test_convert_rejects_broken_hf_checkpoint(case, convert_runs):
+    _, code, fragments = HF_CASES[case]
+    res, out = convert_runs[case]
+    print(f"{case}: exit {res['returncode']}:", res["stderr"][res["stderr"].find("error: "):][:400])
+    _assert_fails(res, code, fragments, out)
 
 
 def test_truncation_found_from_header_without_reading_data(hf_sharded, tmp_path, monkeypatch):
@@ -271,15 +284,27 @@ ORBAX_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def infer_runs(reference_ckpt, tmp_path_factory):
+    """{case: (result, wav path)}: every broken omni_jax checkpoint through launch/infer.py, in one process."""
+    work = tmp_path_factory.mktemp("infer_cases")
+    jobs, wavs = [], {}
+    for case, (make, _, _) in sorted(ORBAX_CASES.items()):
+        tmp = work / case
+        tmp.mkdir()
+        wavs[case] = str(tmp / "o.wav")
+        jobs.append({"args": [f"--checkpoint={make(reference_ckpt, tmp)}", "--text_only", "--prompt=hi",
+                              f"--output={wavs[case]}"], "cwd": str(tmp)})
+    results = launcher_cases.run_cases(INFER, jobs, str(work))
+    return {case: (res, wavs[case]) for case, res in zip(sorted(ORBAX_CASES), results)}
+
+
 @pytest.mark.parametrize("case", sorted(ORBAX_CASES))
-def test_infer_rejects_broken_omni_jax_checkpoint(case, reference_ckpt, tmp_path):
-    make, code, fragments = ORBAX_CASES[case]
-    ckpt = make(reference_ckpt, tmp_path)
-    wav = str(tmp_path / "o.wav")
-    t0 = time.time()
-    proc = _run(INFER, f"--checkpoint={ckpt}", "--text_only", "--prompt=hi", f"--output={wav}")
-    print(f"{case}: exit {proc.returncode} in {time.time() - t0:.1f} s:", proc.stderr[proc.stderr.find("error: "):][:400])
-    _assert_fails(proc, code, fragments, wav)
+def test_infer_rejects_broken_omni_jax_checkpoint(case, infer_runs):
+    _, code, fragments = ORBAX_CASES[case]
+    res, wav = infer_runs[case]
+    print(f"{case}: exit {res['returncode']}:", res["stderr"][res["stderr"].find("error: "):][:400])
+    _assert_fails(res, code, fragments, wav)
 
 
 def test_item_from_another_conversion_is_caught_before_restore(reference_ckpt, tmp_path):

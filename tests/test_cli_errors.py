@@ -12,7 +12,6 @@ neither the --output file nor a stray temp file.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests import procs
+from tests import launcher_cases, procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "launch", "infer.py")
@@ -134,13 +133,7 @@ def bad_input_runs(tmp_path_factory):
                 (cwd / name).write_bytes(data)
         before = {case: _listing(cwd) for case, cwd in dirs.items()}
         jobs = [{"args": _with_output(script, CASES[case][1]), "cwd": str(dirs[case])} for case in names]
-        (work / "cases.json").write_text(json.dumps(jobs))
-        proc = subprocess.run([sys.executable, "-m", "tests.launcher_cases", script, str(work / "cases.json"),
-                               str(work / "results.json")], cwd=ROOT, capture_output=True, text=True,
-                              env=procs.env(devices), timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        results = json.loads((work / "results.json").read_text())
-        assert len(results) == len(names), (len(results), names)
+        results = launcher_cases.run_cases(script, jobs, str(work), devices)
         out.update({case: (res, dirs[case], before[case]) for case, res in zip(names, results)})
     return out
 
@@ -193,7 +186,7 @@ def poisoned_checkpoint(tmp_path_factory):
 
 def test_nan_weights_fail_naming_the_stage(poisoned_checkpoint, tmp_path):
     proc = _run(INFER, ["--prompt=hi", f"--checkpoint={poisoned_checkpoint}", "--max_new_tokens=3",
-                        "--talker_max_new_tokens=3", "--max_len=64", "--dump_dir=dump"], tmp_path)
+                        "--talker_max_new_tokens=3", "--max_len=128", "--dump_dir=dump"], tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "error: non-finite values (NaN/Inf) in the thinker output" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

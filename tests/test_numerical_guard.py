@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 
 from omni_jax.errors import NumericalError
-from omni_jax.runtime.loading import load_model
-from omni_jax.runtime.pipeline import OmniPipeline
 from omni_jax.runtime.sampling import SamplingParams
 from omni_jax.cli.output import stream_to_outputs
 from omni_jax.runtime.sampling import TalkerSampling
@@ -32,8 +30,8 @@ GEN = dict(max_new_tokens=4, talker_max_new_tokens=4, sampling=SamplingParams.gr
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return OmniPipeline(load_model(None), max_len=64)
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 def _get(tree, path):

@@ -144,13 +144,11 @@ def test_bf16_embedded_default():
     assert res.sample_rate == 24000 and len(res.token_ids) == 4
 
 
-def test_chunked_prefill_pipeline_matches_single_pass():
+def test_chunked_prefill_pipeline_matches_single_pass(tiny_pipe):
     """--prefill_chunk only bounds prefill memory: text, codes and audio stay the same."""
-    from omni_jax.runtime.sampling import TalkerSampling
-
+    chunked = OmniPipeline(tiny_pipe.loaded, max_len=tiny_pipe.max_len, prefill_chunk=4)  # the same weights
     runs = []
-    for chunk in (None, 4):
-        pipe = OmniPipeline.load(max_len=64, prefill_chunk=chunk)
+    for pipe in (tiny_pipe, chunked):
         [res] = pipe.generate(["你好,世界"], max_new_tokens=4, talker_max_new_tokens=5,
                               talker_sampling=TalkerSampling.greedy())
         runs.append(res)

@@ -16,7 +16,6 @@ import soundfile as sf
 from omni_jax.cli.output import ProgressiveWav, to_pcm16
 from omni_jax.models import code2wav as c2w
 from omni_jax.runtime import vocoder
-from omni_jax.runtime.pipeline import OmniPipeline
 from omni_jax.runtime.sampling import TalkerSampling
 from omni_jax.runtime.streaming import TextDeltas
 from omni_jax.runtime.vocoder import AudioChunker
@@ -26,8 +25,8 @@ WAV_TOL = 1e-5  # max abs sample difference; both decodes fp32, only the window/
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return OmniPipeline.load(None, max_len=128)
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 def _run_both(pipe, **kw):
