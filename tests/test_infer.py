@@ -118,11 +118,3 @@ def test_interactive_keeps_history(tmp_path):
     for n in (1, 2, 3):
         info = sf.info(str(tmp_path / f"turn_{n}.wav"))
         assert info.samplerate == 24000 and info.frames == c2w.wav_length(load_config("tiny"), turns[n - 1]["frames"])
-
-
-def test_bad_flags_fail_before_loading(tmp_path):
-    # Usage errors exit 2 (omni_jax.cli); tests/test_cli_errors.py covers every bad input.
-    proc = _run(["--prompt=hi", "--speaker=nobody"], tmp_path)
-    assert proc.returncode == 2 and "aiden, chelsie, ethan" in proc.stderr
-    proc = _run(["--prompt=hi", "--mesh=tp3"], tmp_path)
-    assert proc.returncode == 2 and "needs 3 devices" in proc.stderr
