@@ -155,12 +155,64 @@ class DecoderConfig(TransformerShape):
 
 
 @dataclasses.dataclass(frozen=True)
+class AudioEncoderConfig:
+    """The AuT audio encoder (thinker_config.audio_config): conv downsampling, windowed transformer, projection."""
+
+    d_model: int
+    encoder_layers: int
+    encoder_attention_heads: int
+    encoder_ffn_dim: int
+    num_mel_bins: int
+    n_window: int  # mel frames per conv chunk: 2 * n_window
+    n_window_infer: int  # mel frames per attention window (a multiple of the chunk)
+    downsample_hidden_size: int
+    output_dim: int
+    max_source_positions: int
+
+    @property
+    def chunk_frames(self) -> int:
+        return 2 * self.n_window
+
+    @property
+    def chunks_per_window(self) -> int:
+        return self.n_window_infer // self.chunk_frames
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.encoder_attention_heads
+
+    @classmethod
+    def from_hf(cls, tree: Mapping[str, Any], path: str) -> "AudioEncoderConfig":
+        # transformers' Qwen3OmniMoeAudioEncoderConfig defaults fill keys a config leaves out, as it does there.
+        defaults = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                        num_mel_bins=128, n_window=50, n_window_infer=800, downsample_hidden_size=480,
+                        output_dim=3584, max_source_positions=1500)
+        out = cls(**{f.name: int(_get(tree, f.name, path, defaults[f.name])) for f in dataclasses.fields(cls)})
+        for name in ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins",
+                     "n_window", "downsample_hidden_size", "output_dim"):
+            _check(getattr(out, name) > 0, f"{path}.{name}", "must be positive")
+        _check(out.d_model % out.encoder_attention_heads == 0, f"{path}.d_model",
+               f"{out.d_model} is not divisible by encoder_attention_heads={out.encoder_attention_heads}")
+        _check(out.d_model % 2 == 0, f"{path}.d_model", "must be even (sinusoidal positions)")
+        # transformers' encoder (valid rows) and processor (placeholder count) hard-code 13 rows per chunk.
+        _check(out.n_window == 50, f"{path}.n_window", f"must be 50 (100-frame chunks, 13 rows each), got {out.n_window}")
+        _check(out.n_window_infer >= out.chunk_frames and out.n_window_infer % out.chunk_frames == 0,
+               f"{path}.n_window_infer", f"{out.n_window_infer} must be a positive multiple of 2 * n_window "
+               f"= {out.chunk_frames}")
+        act = tree.get("activation_function", "gelu")
+        _check(act == "gelu", f"{path}.activation_function", f"only 'gelu' is supported, got {act!r}")
+        _check(not tree.get("scale_embedding", False), f"{path}.scale_embedding", "only false is supported")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class ThinkerConfig:
     text: DecoderConfig
     tie_word_embeddings: bool
     audio_token_id: int
     image_token_id: int
     video_token_id: int
+    audio: AudioEncoderConfig | None = None  # None: a config without an audio tower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +299,8 @@ def parse_config(tree: Mapping[str, Any]) -> OmniConfig:
         audio_token_id=int(_get(th, "audio_token_id", "thinker_config")),
         image_token_id=int(_get(th, "image_token_id", "thinker_config")),
         video_token_id=int(_get(th, "video_token_id", "thinker_config")),
+        audio=(AudioEncoderConfig.from_hf(_sub(th, "audio_config", "thinker_config"), "thinker_config.audio_config")
+               if "audio_config" in th else None),
     )
     tk = _sub(tree, "talker_config", "")
     tk_text = DecoderConfig.from_hf(_sub(tk, "text_config", "talker_config"), "talker_config.text_config", moe=True, always_sparse=True)
