@@ -178,3 +178,21 @@ def test_config_rejects_bad_windows():
         AudioEncoderConfig.from_hf(dict(good, n_window_infer=150), "thinker_config.audio_config")
     with pytest.raises(ConfigError, match="n_window"):
         AudioEncoderConfig.from_hf(dict(good, n_window=5, n_window_infer=10), "thinker_config.audio_config")
+
+
+def test_steps_compile_once_per_window_bucket(encoder_case):
+    """AudioEncoderSteps pads the grid to a power-of-two window count: clips needing 3 and 4 windows share
+    one program; the rows equal transformers' for each call."""
+    from omni_jax.runtime.audio_encoder import AudioEncoderSteps
+
+    hf, cfg, _, params, _ = encoder_case
+    steps = AudioEncoderSteps(cfg)
+    rng = np.random.default_rng(6)
+    per = cfg.chunks_per_window
+    lengths = [[100 * per * 2 + 30], [100 * per * 3 + 30], [40]]  # 3 windows, 4 windows, 1 window
+    for i, clip in enumerate(lengths):
+        feats = [rng.standard_normal((cfg.num_mel_bins, n)).astype(np.float32) for n in clip]
+        rows = steps.encode(params, feats)
+        assert _rel_l2(np.concatenate(rows), _hf_rows(hf, feats)) <= 1e-5
+        assert steps.fn._cache_size() == (1 if i < 2 else 2)
+    assert steps.encode(params, []) == []
