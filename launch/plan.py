@@ -209,7 +209,8 @@ def plan(num_devices: int) -> dict:
         tk = config.talker.text
 
         def lower_talker(dt):
-            gen = TalkerGenerator(config, dt, mesh=mesh, layout=layout_lib.choose(mesh, FLAGS.decode_moe_impl))
+            gen = TalkerGenerator(config, dt, mesh=mesh, layout=layout_lib.choose(mesh, FLAGS.decode_moe_impl),
+                                  donate=True)  # the accelerator's program: the state is updated in place
             args = gen.abstract_step_args(B, L, FLAGS.talker_trailing, talker_greedy)
             return gen.step.lower(*args, sampling=talker_greedy)
 

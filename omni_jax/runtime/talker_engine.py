@@ -176,16 +176,19 @@ class TalkerCodes(NamedTuple):
 class TalkerGenerator:
     """Jitted talker prefill/step (compiled once per batch / length bucket) and the host decode loop."""
 
-    def __init__(self, config: OmniConfig, dtype=jnp.float32, mesh=None, layout: layout_lib.Layout | None = None):
+    def __init__(self, config: OmniConfig, dtype=jnp.float32, mesh=None, layout: layout_lib.Layout | None = None,
+                 donate: bool | None = None):
         """mesh: a jax.sharding.Mesh (omni_jax.sharding.mesh.make_mesh) to run prefill/step sharded
         (expert-parallel MoE); place params with `param_shardings()` first. None: one device. layout: default
-        `layout.choose(mesh)` (its MoE dispatch; the params decide scanned vs unrolled)."""
+        `layout.choose(mesh)` (its MoE dispatch; the params decide scanned vs unrolled). donate: donate the
+        carried cache/state; None: everywhere but XLA:CPU (which cannot, and warns per call). launch/plan.py
+        passes True to lower the accelerator's program (state aliased in place) on CPU."""
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
         self.layout = layout_lib.choose(mesh) if layout is None else layout
         self.model = Talker(config, self.dtype, self.dtype, self.layout.dispatch)
-        donate = jax.default_backend() != "cpu"  # XLA:CPU cannot donate; avoid a warning per call
+        donate = jax.default_backend() != "cpu" if donate is None else donate
         jit = jax.jit if mesh is None else functools.partial(sjit.sharded_jit, mesh=mesh)
         self.prefill = jit(
             functools.partial(talker_prefill, self.model), static_argnames=("sampling",),
