@@ -9,6 +9,7 @@ import unicodedata
 
 import pytest
 
+from omni_jax.errors import UsageError
 from omni_jax.processing.tokenizer import (
     NUM_BPE_RANKS,
     QWEN_PRETOKENIZE_PATTERN,
@@ -215,7 +216,10 @@ def test_chat_template_multi_turn(tok: QwenTokenizer):
         ([{"content": "x"}], r"message 0: missing 'role'"),
         ([{"role": "tool", "content": "x"}], r"message 0: invalid role 'tool'"),
         ([{"role": "user"}], r"message 0: missing 'content'"),
-        ([{"role": "user", "content": ["x"]}], r"message 0: 'content' must be a str, got list"),
+        ([{"role": "user", "content": ["x"]}], r"message 0: content part 0 must be a dict with a 'type', got str"),
+        ([{"role": "user", "content": 3}], r"message 0: 'content' must be a str or a list of content parts, got int"),
+        ([{"role": "user", "content": [{"type": "image"}]}], r"content part 0 has unsupported type 'image'"),
+        ([{"role": "user", "content": [{"type": "text"}]}], r"content part 0 \(text\) needs a str 'text'"),
         ("hello", r"messages must be a list"),
     ],
 )
@@ -275,3 +279,35 @@ def test_checkpoint_dir_without_files_falls_back(tok: QwenTokenizer, cache_dir, 
     loaded = load_tokenizer(tmp_path, cache_dir=cache_dir)
     assert loaded.encode(FIXED_CORPUS[4]) == tok.encode(FIXED_CORPUS[4])
     assert os.listdir(tmp_path) == []
+
+
+def test_content_parts_render_audio_placeholders(tok: QwenTokenizer):
+    """List content: parts in order, each audio clip as <|audio_start|><|audio_pad|><|audio_end|>; the pads are
+    then expanded to each clip's encoder rows."""
+    from omni_jax.processing import audio
+
+    msgs = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "What is it?"},
+                                         {"type": "audio", "audio": "b.wav"}]}]
+    text = tok.apply_chat_template_text(msgs)
+    assert text == ("<|im_start|>user\n<|audio_start|><|audio_pad|><|audio_end|>What is it?"
+                    "<|audio_start|><|audio_pad|><|audio_end|><|im_end|>\n<|im_start|>assistant\n")
+    plain = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert tok.apply_chat_template(plain) == tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    pad = tok.token_to_id("<|audio_pad|>")
+    ids = tok.apply_chat_template(msgs)
+    out = audio.expand_audio_pads(ids, pad, [9, 13])
+    assert len(out) == len(ids) + 8 + 12 and out.count(pad) == 22
+    first = out.index(pad)
+    assert out[first - 1] == tok.token_to_id("<|audio_start|>") and out[first + 9] == tok.token_to_id("<|audio_end|>")
+    with pytest.raises(UsageError, match="2 audio placeholder"):
+        audio.expand_audio_pads(ids, pad, [9])
+
+
+def test_request_with_audio_is_refused_until_the_pipeline_encodes_it():
+    from omni_jax.runtime.types import Request
+
+    req = Request(messages=[{"role": "user", "content": [{"type": "audio", "audio": "q.wav"}]}])
+    with pytest.raises(UsageError, match="audio input is not supported"):
+        req.to_messages()
+    text_parts = Request(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert text_parts.to_messages()[0]["content"][0]["text"] == "hi"

@@ -138,3 +138,19 @@ def load_audio(source: Any) -> np.ndarray:
         raise UsageError("audio must be a file path or a (samples, sample_rate) pair") from None
     samples = _check_samples(np.asarray(samples, np.float32), "array")
     return resample(samples, int(rate))
+
+
+def expand_audio_pads(ids: list[int], pad_id: int, rows: list[int]) -> list[int]:
+    """Prompt ids with the i-th `<|audio_pad|>` repeated rows[i] times (what transformers' processor does to
+    the rendered template): one pad per clip in, one pad per encoder row out."""
+    found = sum(1 for t in ids if t == pad_id)
+    if found != len(rows):
+        raise UsageError(f"the prompt has {found} audio placeholder(s) for {len(rows)} audio clip(s)")
+    out, clip = [], 0
+    for t in ids:
+        if t == pad_id:
+            out.extend([pad_id] * rows[clip])
+            clip += 1
+        else:
+            out.append(t)
+    return out

@@ -46,6 +46,31 @@ _ADDED_TOKENS_FILE = Path(__file__).resolve().parent.parent / "data" / "qwen3_om
 # Bump when the construction below changes so stale caches are not reused.
 _BUILD_VERSION = "1"
 _ROLES = ("system", "user", "assistant")
+#: What an audio content part renders as; the processor then expands the pad to the clip's encoder rows.
+AUDIO_PLACEHOLDER = "<|audio_start|><|audio_pad|><|audio_end|>"
+
+
+def _part_text(i: int, j: int, part: Any) -> str:
+    """One content part rendered in the ChatML fallback: text as is, audio as its placeholder."""
+    if not isinstance(part, Mapping) or "type" not in part:
+        raise ValueError(f"message {i}: content part {j} must be a dict with a 'type', got {type(part).__name__}")
+    kind = part["type"]
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"message {i}: content part {j} (text) needs a str 'text'")
+        return part["text"]
+    if kind == "audio":
+        return AUDIO_PLACEHOLDER
+    raise ValueError(f"message {i}: content part {j} has unsupported type {kind!r}; expected 'text' or 'audio'")
+
+
+def content_text(i: int, content: Any) -> str:
+    """A message's content (a str, or a list of content parts) as ChatML text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        return "".join(_part_text(i, j, p) for j, p in enumerate(content))
+    raise ValueError(f"message {i}: 'content' must be a str or a list of content parts, got {type(content).__name__}")
 
 
 # --------------------------------------------------------------------------- #
@@ -320,13 +345,14 @@ class QwenTokenizer:
                 raise ValueError(f"message {i}: invalid role {m['role']!r}; expected one of {', '.join(_ROLES)}")
             if "content" not in m:
                 raise ValueError(f"message {i}: missing 'content'")
-            if not isinstance(m["content"], str):
-                raise ValueError(f"message {i}: 'content' must be a str, got {type(m['content']).__name__}")
+            content_text(i, m["content"])
 
     def apply_chat_template_text(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """ChatML prompt string: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message (+ assistant header)."""
+        """ChatML prompt string: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message (+ assistant header).
+        List content renders its parts in order: text as is, audio as AUDIO_PLACEHOLDER (one pad per clip)."""
         self._validate_messages(messages)
-        parts = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+        parts = [f"<|im_start|>{m['role']}\n{content_text(i, m['content'])}<|im_end|>\n"
+                 for i, m in enumerate(messages)]
         if add_generation_prompt:
             parts.append("<|im_start|>assistant\n")
         return "".join(parts)

@@ -36,6 +36,13 @@ class Request:
             if msgs and msgs[0].get("role") == "system":
                 raise UsageError("request has both 'system' and a system message")
             msgs = [{"role": "system", "content": self.system}] + msgs
+        for i, m in enumerate(msgs):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, (list, tuple)) and any(isinstance(p, dict) and p.get("type") == "audio"
+                                                          for p in content):
+                # The tokenizer renders audio parts, but the pipeline does not encode audio yet: refuse rather
+                # than answer a prompt whose placeholder carries no sound.
+                raise UsageError(f"message {i} has an audio part; audio input is not supported by this pipeline yet")
         return msgs
 
 
