@@ -189,19 +189,27 @@ HF_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def convert_runs(hf_sharded, tmp_path_factory):
-    """{case: (result, out_dir)}: every broken HF directory through launch/convert.py, in one launcher process."""
-    work = tmp_path_factory.mktemp("convert_cases")
+def _broken_runs(script: str, cases: dict, source: str, work, argv) -> dict:
+    """{case: (result, output path)}: each case's broken copy of `source` through `script`, all in one launcher
+    process (tests.launcher_cases). argv(broken path, case dir) -> (launcher args, the path it must not write)."""
     jobs, outs = [], {}
-    for case, (make, _, _) in sorted(HF_CASES.items()):
+    for case, (make, _, _) in sorted(cases.items()):
         tmp = work / case
         tmp.mkdir()
-        outs[case] = str(tmp / "out")
-        jobs.append({"args": [f"--hf_dir={make(hf_sharded, tmp)}", f"--out_dir={outs[case]}", "--dtype=float32",
-                              "--noprogress"], "cwd": str(tmp)})
-    results = launcher_cases.run_cases(CONVERT, jobs, str(work))
-    return {case: (res, outs[case]) for case, res in zip(sorted(HF_CASES), results)}
+        args, outs[case] = argv(make(source, tmp), tmp)
+        jobs.append({"args": args, "cwd": str(tmp)})
+    results = launcher_cases.run_cases(script, jobs, str(work))
+    return {case: (res, outs[case]) for case, res in zip(sorted(cases), results)}
+
+
+@pytest.fixture(scope="module")
+def convert_runs(hf_sharded, tmp_path_factory):
+    """Every broken HF directory through launch/convert.py."""
+    def argv(hf_dir, tmp):
+        out = str(tmp / "out")
+        return [f"--hf_dir={hf_dir}", f"--out_dir={out}", "--dtype=float32", "--noprogress"], out
+
+    return _broken_runs(CONVERT, HF_CASES, hf_sharded, tmp_path_factory.mktemp("convert_cases"), argv)
 
 
 @pytest.mark.parametrize("case", sorted(HF_CASES))
@@ -286,17 +294,12 @@ ORBAX_CASES = {
 
 @pytest.fixture(scope="module")
 def infer_runs(reference_ckpt, tmp_path_factory):
-    """{case: (result, wav path)}: every broken omni_jax checkpoint through launch/infer.py, in one process."""
-    work = tmp_path_factory.mktemp("infer_cases")
-    jobs, wavs = [], {}
-    for case, (make, _, _) in sorted(ORBAX_CASES.items()):
-        tmp = work / case
-        tmp.mkdir()
-        wavs[case] = str(tmp / "o.wav")
-        jobs.append({"args": [f"--checkpoint={make(reference_ckpt, tmp)}", "--text_only", "--prompt=hi",
-                              f"--output={wavs[case]}"], "cwd": str(tmp)})
-    results = launcher_cases.run_cases(INFER, jobs, str(work))
-    return {case: (res, wavs[case]) for case, res in zip(sorted(ORBAX_CASES), results)}
+    """Every broken omni_jax checkpoint through launch/infer.py."""
+    def argv(ckpt, tmp):
+        wav = str(tmp / "o.wav")
+        return [f"--checkpoint={ckpt}", "--text_only", "--prompt=hi", f"--output={wav}"], wav
+
+    return _broken_runs(INFER, ORBAX_CASES, reference_ckpt, tmp_path_factory.mktemp("infer_cases"), argv)
 
 
 @pytest.mark.parametrize("case", sorted(ORBAX_CASES))
