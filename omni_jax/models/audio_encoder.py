@@ -32,11 +32,20 @@ def conv_length(n):
     return (n - 1) // 2 + 1
 
 
+def chunk_rows(frames):
+    """Encoder rows of one chunk of `frames` mel frames: the three convolutions' output length (0 for 0)."""
+    return conv_length(conv_length(conv_length(frames)))
+
+
 def rows_for_frames(frames: int, chunk_frames: int) -> int:
     """Encoder rows of a clip of `frames` mel frames (= its `<|audio_pad|>` count)."""
-    tail = frames % chunk_frames
-    per_chunk = conv_length(conv_length(conv_length(chunk_frames)))
-    return (frames // chunk_frames) * per_chunk + (conv_length(conv_length(conv_length(tail))) if tail else 0)
+    return (frames // chunk_frames) * chunk_rows(chunk_frames) + chunk_rows(frames % chunk_frames)
+
+
+def windows_needed(frames: list[int], cfg: AudioEncoderConfig) -> int:
+    """Grid windows for clips of these mel-frame counts: each clip starts a new window."""
+    chunks = (-(-n // cfg.chunk_frames) for n in frames)  # ceil divisions
+    return sum(-(-c // cfg.chunks_per_window) for c in chunks)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
@@ -97,8 +106,7 @@ class AudioEncoder(nn.Module):
         x = x.transpose(0, 2, 3, 1).reshape(n, t, ch * fm)  # (channel, mel) flattened channel-major
         x = nn.Dense(c.d_model, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(x)
         x = x.astype(jnp.float32) + jnp.asarray(sinusoids(t, c.d_model))[None]
-        valid = jnp.arange(t)[None, :] < conv_length(conv_length(conv_length(lengths.reshape(-1))))[:, None]
-        valid = valid & (lengths.reshape(-1) > 0)[:, None]
+        valid = jnp.arange(t)[None, :] < chunk_rows(lengths.reshape(-1))[:, None]  # empty slots: 0 rows
         x, valid = x.reshape(wn, p * t, c.d_model), valid.reshape(wn, p * t)
         for i in range(c.encoder_layers):
             x = EncoderLayer(c, self.dtype, self.param_dtype, name=f"layers_{i}")(x, valid)
@@ -136,7 +144,7 @@ def chunk_grid(features: list[np.ndarray], cfg: AudioEncoderConfig, windows: int
             raise ValueError(f"audio features must be [{cfg.num_mel_bins}, frames>0], got {feat.shape}")
         chunks.append([feat[:, i:i + fr] for i in range(0, feat.shape[1], fr)])
     longest = max(c.shape[1] for clip in chunks for c in clip)
-    need = sum(-(-len(clip) // per) for clip in chunks)
+    need = windows_needed([f.shape[1] for f in features], cfg)
     windows = need if windows is None else windows
     if windows < need:
         raise ValueError(f"these clips need {need} encoder windows, the grid has {windows}")

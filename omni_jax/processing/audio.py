@@ -1,5 +1,5 @@
-"""Audio input: files to 16 kHz mono samples, samples to the encoder's log-mel features, and the number of
-`<|audio_pad|>` placeholders a clip takes in the prompt.
+"""Audio input: files to 16 kHz mono samples, samples to the encoder's log-mel features, and the expansion of
+each clip's `<|audio_pad|>` to its encoder rows (omni_jax.models.audio_encoder.rows_for_frames).
 
 The features are Whisper's (transformers' WhisperFeatureExtractor with feature_size=128, which
 Qwen3-Omni's processor calls with padding=True, truncation=False): a 400-point periodic-Hann STFT every
@@ -23,9 +23,6 @@ N_FFT = 400
 HOP = 160
 N_MELS = 128
 MEL_FLOOR = 1e-10
-#: Mel frames per encoder chunk (2 * n_window of the real config): the unit the placeholder count is made of.
-CHUNK_FRAMES = 100
-TOKENS_PER_CHUNK = 13
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -76,19 +73,6 @@ def log_mel(samples: np.ndarray) -> np.ndarray:
     logs = np.log10(np.maximum(mel, MEL_FLOOR))[:, :frames_out]  # the last STFT frame is dropped
     logs = np.maximum(logs, logs.max() - 8.0)
     return ((logs + 4.0) / 4.0).astype(np.float32)
-
-
-def encoder_output_length(frames: int, chunk_frames: int = CHUNK_FRAMES) -> int:
-    """Encoder rows (= `<|audio_pad|>` placeholders) for a clip of `frames` mel frames: 13 per full chunk,
-    plus the three stride-2 convolutions' output length of the remainder."""
-    tail = frames % chunk_frames
-    rows = 0
-    if tail:
-        n = tail
-        for _ in range(3):
-            n = (n - 1) // 2 + 1
-        rows = n
-    return (frames // chunk_frames) * TOKENS_PER_CHUNK + rows
 
 
 def _check_samples(samples: np.ndarray, name: str) -> np.ndarray:

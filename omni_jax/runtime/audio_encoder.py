@@ -14,7 +14,7 @@ import numpy as np
 
 from omni_jax.buckets import bucket
 from omni_jax.config import AudioEncoderConfig
-from omni_jax.models.audio_encoder import AudioEncoder, chunk_grid
+from omni_jax.models.audio_encoder import AudioEncoder, chunk_grid, windows_needed
 
 
 class AudioEncoderSteps:
@@ -27,9 +27,7 @@ class AudioEncoderSteps:
 
     def windows_for(self, features: list[np.ndarray]) -> int:
         """The grid bucket these clips run in."""
-        per = self.cfg.chunks_per_window
-        need = sum(-(-(-(-f.shape[1] // self.cfg.chunk_frames)) // per) for f in features)
-        return bucket(need, smallest=1)
+        return bucket(windows_needed([f.shape[1] for f in features], self.cfg), smallest=1)
 
     def encode(self, params: Any, features: list[np.ndarray]) -> list[np.ndarray]:
         """Per clip, its float32 [rows, output_dim] encoder rows (rows = its `<|audio_pad|>` count). The clips of
@@ -39,4 +37,4 @@ class AudioEncoderSteps:
             return []
         grid = chunk_grid(features, self.cfg, windows=self.windows_for(features))
         out, valid = self.fn({"params": params}, grid.mel, grid.lengths, grid.pad_to)
-        return grid.gather(np.asarray(out), np.asarray(valid))
+        return grid.gather(out, valid)
