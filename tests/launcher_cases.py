@@ -3,8 +3,8 @@ case costs, so tests/test_cli_errors.py runs each group of cases through this in
 
   python -m tests.launcher_cases SCRIPT CASES_JSON OUT_JSON
 
-CASES_JSON: [{"args": [...], "cwd": dir}, ...]. Each case runs the launcher's own entry point
-(`omni_jax.cli.run(main)`, exit-code contract included) with its flags reset to their defaults, in its own
+CASES_JSON: [{"args": [...], "cwd": dir, "stdin": text (optional)}, ...]. Each case runs the launcher's own
+entry point (`omni_jax.cli.run(main)`, exit-code contract included) with its flags reset to their defaults, in its own
 working directory, with stdout and stderr captured; OUT_JSON gets [{"returncode", "stdout", "stderr"}, ...].
 """
 
@@ -20,7 +20,7 @@ import sys
 
 
 def run_cases(script: str, cases: list[dict], work_dir: str, devices: int | None = None) -> list[dict]:
-    """Run `cases` ([{"args", "cwd"}]) through `script` in one subprocess; [{"returncode", "stdout", "stderr"}]."""
+    """Run `cases` ([{"args", "cwd", optional "stdin"}]) through `script` in one subprocess; [{"returncode", "stdout", "stderr"}]."""
     from tests import procs
 
     cases_path, out_path = os.path.join(work_dir, "cases.json"), os.path.join(work_dir, "results.json")
@@ -51,6 +51,7 @@ def main(script: str, cases_path: str, out_path: str) -> None:
         sys.argv = [script, *case["args"]]
         out, err = io.StringIO(), io.StringIO()
         code = 0
+        sys.stdin = io.StringIO(case.get("stdin", ""))
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 cli.run(launcher["main"])

@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
 import soundfile as sf
 
 from omni_jax.runtime.sampling import SamplingParams
-from tests import procs
+from tests import launcher_cases, procs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = os.path.join(REPO, "launch", "batch.py")
@@ -136,10 +137,20 @@ BAD_LINES = {2: "invalid JSON", 3: "missing 'id'", 4: "duplicate id 'good1'", 5:
 def test_malformed_input(tmp_path):
     inp = tmp_path / "prompts.jsonl"
     _write_jsonl(inp, BAD_INPUT)
+    only = tmp_path / "only.jsonl"  # line 5 (unknown speaker) then line 6 (prompt and messages)
+    _write_jsonl(only, [BAD_INPUT[0], BAD_INPUT[4], BAD_INPUT[5]])
+    out, strict_out = tmp_path / "out", tmp_path / "strict"
+    runs = [(inp, out), (inp, strict_out, "--strict"), (only, tmp_path / "strict_text", "--strict", "--text_only"),
+            (only, tmp_path / "strict_speech", "--strict")]
+    # The four runs share one launcher process (tests/launcher_cases.py): three of them stop before the model loads,
+    # so a fresh Python + JAX import would be most of their cost.
+    results = launcher_cases.run_cases(BATCH, [{"args": _cmd(i, o, *extra)[2:], "cwd": REPO} for i, o, *extra in runs],
+                                       str(tmp_path))
+    full, strict, strict_text, strict_speech = [SimpleNamespace(returncode=r["returncode"], stdout=r["stdout"],
+                                                                stderr=r["stderr"]) for r in results]
 
     # Without --strict: good lines are produced (with audio), each bad one is reported with its line number.
-    out = tmp_path / "out"
-    r = _run(inp, out)
+    r = full
     assert r.returncode == 0, r.stderr
     for n, what in BAD_LINES.items():
         assert f"bad input: line {n}: {what}" in r.stderr, (n, r.stderr)
@@ -153,19 +164,16 @@ def test_malformed_input(tmp_path):
     assert (summary["items"], summary["bad_lines"], summary["failures"]) == (2, len(BAD_LINES), 0)
 
     # --strict: stops at the first bad line with a non-zero exit, before loading the model or writing anything.
-    strict_out = tmp_path / "strict"
-    r = _run(inp, strict_out, "--strict")
+    r = strict
     assert r.returncode != 0
     assert "bad input: line 2: invalid JSON" in r.stderr and "line 3" not in r.stderr
     assert "summary: " not in r.stdout and not os.path.exists(strict_out / "results.jsonl")
 
     # With --text_only the speaker is irrelevant: line 5 passes and --strict stops at the next bad line (6).
-    only = tmp_path / "only.jsonl"
-    _write_jsonl(only, [BAD_INPUT[0], BAD_INPUT[4], BAD_INPUT[5]])
-    r = _run(only, tmp_path / "strict_text", "--strict", "--text_only")
+    r = strict_text
     assert r.returncode != 0
     assert "bad input: line 3: needs exactly one of 'prompt' or 'messages'" in r.stderr
     assert "bad input: line 2" not in r.stderr
     # Without --text_only the same file stops at the unknown speaker.
-    r = _run(only, tmp_path / "strict_speech", "--strict")
+    r = strict_speech
     assert r.returncode != 0 and "bad input: line 2: unknown speaker 'nobody'" in r.stderr

@@ -1,14 +1,13 @@
-"""launch/infer.py end to end in subprocesses (the embedded tiny random-weight model, tiny budgets).
+"""launch/infer.py end to end (the embedded tiny random-weight model, tiny budgets).
 
-Subprocesses share the repo's persistent compilation cache, so repeated runs skip most compiles.
+The runs go through two launcher processes (tests/launcher_cases.py) instead of one each: a fresh Python +
+JAX import per run was a large part of what each cost.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,30 +18,54 @@ from omni_jax.models import code2wav as c2w
 from omni_jax.config import load_config
 from omni_jax.processing.tokenizer import load_tokenizer
 
-from tests import procs
+from tests import launcher_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "launch", "infer.py")
 BUDGET = ["--max_new_tokens=5", "--talker_max_new_tokens=6", "--max_len=128"]
+INTERACTIVE_STDIN = "hello\nsecond question\n/reset\nhello\n"  # EOF ends the session
 
 
-def _run(args, cwd, stdin=None, devices=None):
-    proc = subprocess.run([sys.executable, INFER, *args], cwd=cwd, input=stdin, capture_output=True, text=True,
-                          env=procs.env(devices), timeout=300)
-    return proc
-
-
-def _ok(proc):
-    assert proc.returncode == 0, f"infer.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+def _launch(work, cases: dict, devices=None) -> dict:
+    """{case: (working dir, stdout)} for infer.py runs {case: args} in one launcher process."""
+    jobs, dirs = [], {}
+    for name, args in cases.items():
+        dirs[name] = work / name
+        dirs[name].mkdir()
+        jobs.append({"args": [a.replace("{dir}", str(dirs[name])) for a in args], "cwd": str(dirs[name]),
+                     **({"stdin": INTERACTIVE_STDIN} if name == "interactive" else {})})
+    results = launcher_cases.run_cases(INFER, jobs, str(work), devices=devices)
+    return {name: (dirs[name], _ok(name, r)) for name, r in zip(cases, results)}
 
 
 @pytest.fixture(scope="module")
-def hello(tmp_path_factory):
-    """One single-device run with --output and --dump_dir, shared by the checks below."""
-    tmp = tmp_path_factory.mktemp("infer_hello")
-    out = _ok(_run(["--prompt=你好,世界", f"--output={tmp}/hello.wav", f"--dump_dir={tmp}/dump", *BUDGET], tmp))
-    return tmp, out
+def speech_runs(tmp_path_factory):
+    """The single-device speech run and its --mesh=ep2 twin, in one process with two simulated CPU devices (the
+    single-device run uses the first)."""
+    return _launch(tmp_path_factory.mktemp("infer_speech"), {
+        "hello": ["--prompt=你好,世界", "--output={dir}/hello.wav", "--dump_dir={dir}/dump", *BUDGET],
+        "mesh": ["--prompt=你好,世界", "--mesh=ep2", "--output=", "--dump_dir={dir}/dump", *BUDGET],
+    }, devices=2)
+
+
+@pytest.fixture(scope="module")
+def other_runs(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("infer_other"), {
+        "text_only": ["--prompt=你好,世界", "--text_only", "--greedy", "--dump_dir={dir}/dump", *BUDGET],
+        "interactive": ["--interactive", "--greedy", "--output={dir}/x.wav", "--dump_dir={dir}/dump",
+                        "--max_new_tokens=4", "--talker_max_new_tokens=4", "--max_len=128"],
+    })
+
+
+def _ok(name, result):
+    assert result["returncode"] == 0, f"infer.py ({name}) failed ({result['returncode']}):\n{result['stdout']}\n{result['stderr']}"
+    return result["stdout"]
+
+
+@pytest.fixture(scope="module")
+def hello(speech_runs):
+    """The single-device run with --output and --dump_dir, shared by the checks below."""
+    return speech_runs["hello"]
 
 
 def test_prompt_writes_24khz_wav_and_prints_text(hello):
@@ -69,22 +92,21 @@ def test_dump_dir_codes_and_audio(hello):
     assert len(doc["generated_ids"]) == 5 and doc["speaker"] == "ethan"
 
 
-def test_mesh_matches_single_device(hello, tmp_path):
+def test_mesh_matches_single_device(hello, speech_runs):
     """--mesh=ep2 over two simulated CPU devices (expert-parallel thinker and talker) gives the same tokens
     and (sampled, same seed) codes as the single-device run."""
     tmp, _ = hello
-    _ok(_run(["--prompt=你好,世界", "--mesh=ep2", "--output=", f"--dump_dir={tmp_path}/dump", *BUDGET], tmp_path,
-             devices=2))
+    mesh_dir, _ = speech_runs["mesh"]
     ref = json.loads((tmp / "dump" / "tokens.json").read_text(encoding="utf-8"))
-    got = json.loads((tmp_path / "dump" / "tokens.json").read_text(encoding="utf-8"))
+    got = json.loads((mesh_dir / "dump" / "tokens.json").read_text(encoding="utf-8"))
     assert got["generated_ids"] == ref["generated_ids"]
-    np.testing.assert_array_equal(np.load(tmp_path / "dump" / "codes.npy"), np.load(tmp / "dump" / "codes.npy"))
-    assert not list(tmp_path.glob("*.wav"))  # --output= writes no WAV
+    np.testing.assert_array_equal(np.load(mesh_dir / "dump" / "codes.npy"), np.load(tmp / "dump" / "codes.npy"))
+    assert not list(mesh_dir.glob("*.wav"))  # --output= writes no WAV
 
 
-def test_text_only_with_random_tiny_weights(tmp_path):
+def test_text_only_with_random_tiny_weights(other_runs):
     """No --checkpoint: the tiny config's random weights, announced as such; --text_only writes no audio."""
-    out = _ok(_run(["--prompt=你好,世界", "--text_only", "--greedy", f"--dump_dir={tmp_path}/dump", *BUDGET], tmp_path))
+    tmp_path, out = other_runs["text_only"]
     assert "RANDOM" in out and "weights" in out
     lines = out.splitlines()
     stats = next(i for i, line in enumerate(lines) if line.startswith("[11 prompt tokens, 5 generated"))
@@ -95,10 +117,8 @@ def test_text_only_with_random_tiny_weights(tmp_path):
     assert not list(tmp_path.glob("*.wav")) and not (tmp_path / "dump" / "codes.npy").exists()
 
 
-def test_interactive_keeps_history(tmp_path):
-    stdin = "hello\nsecond question\n/reset\nhello\n"  # EOF ends the session
-    out = _ok(_run(["--interactive", "--greedy", f"--output={tmp_path}/x.wav", f"--dump_dir={tmp_path}/dump",
-                    "--max_new_tokens=4", "--talker_max_new_tokens=4", "--max_len=128"], tmp_path, stdin=stdin))
+def test_interactive_keeps_history(other_runs):
+    tmp_path, out = other_runs["interactive"]
     turns = [json.loads((tmp_path / "dump" / f"turn_{n}" / "tokens.json").read_text(encoding="utf-8"))
              for n in (1, 2, 3)]
     assert not (tmp_path / "dump" / "turn_4").exists()
