@@ -1,6 +1,8 @@
 """Batch job: prompts.jsonl -> <id>.wav + results.jsonl, resumable and crash-safe.
 
-Input: one JSON object per line with `id`, `prompt` or `messages`, optional `speaker`, `system`,
+Input: one JSON object per line with `id`, `prompt` or `messages` (string content, or content parts
+`{"type": "text", "text": ...}` / `{"type": "audio", "audio": "q.wav"}`), optional `audio` (a file or a list
+of files asked about with `prompt`; relative paths are relative to the input file), `speaker`, `system`,
 and overrides of the shared sampling flags (omni_jax.cli.flag_groups: `max_new_tokens`, `greedy`,
 `temperature`, `top_k`, `top_p`, `repetition_penalty` and their `talker_*` twins). Every output file is written under a temporary name and
 renamed, so a killed job never leaves a truncated WAV or a partial JSONL line; a rerun skips the
@@ -46,7 +48,7 @@ TMP_TAG = ".tmp-"
 INT_KEYS = {k for k, v in shared.SAMPLING_DEFAULTS.items() if type(v) is int}
 FLOAT_KEYS = {k for k, v in shared.SAMPLING_DEFAULTS.items() if type(v) is float}
 SAMPLING_KEYS = set(shared.SAMPLING_DEFAULTS)
-ITEM_KEYS = {"id", "prompt", "messages", "speaker", "system"} | SAMPLING_KEYS
+ITEM_KEYS = {"id", "prompt", "messages", "audio", "speaker", "system"} | SAMPLING_KEYS
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -56,6 +58,8 @@ class Item:
     id: str
     request: object  # omni_jax.runtime.types.Request
     sampling: dict
+    prompt_ids: list[int] | None = None  # templated, audio placeholders expanded (when validated with a tokenizer)
+    audio: list | None = None  # log-mel features of each clip, in order
 
 
 class BadLine(ValueError):
@@ -145,11 +149,43 @@ def _check_sampling(n: int, obj: dict) -> dict:
     return s
 
 
+def _resolve_audio(parts, base_dir: str | None):
+    """Audio paths relative to the input file's directory."""
+    if base_dir is None:
+        return parts
+    fix = lambda p: p if not isinstance(p, str) or os.path.isabs(p) else os.path.join(base_dir, p)  # noqa: E731
+    out = []
+    for m in parts:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            content = [dict(c, audio=fix(c.get("audio"))) if isinstance(c, dict) and c.get("type") == "audio" else c
+                       for c in content]
+            m = dict(m, content=content)
+        out.append(m)
+    return out
+
+
+def _messages_of(n: int, obj: dict):
+    """The line's messages: `messages` as given, or `prompt` (+ its `audio` clips) as one user turn."""
+    if "audio" not in obj:
+        return obj.get("prompt"), obj.get("messages")
+    if "prompt" not in obj:
+        raise BadLine(f"line {n}: 'audio' goes with 'prompt'; put audio parts into 'messages' instead")
+    clips = obj["audio"] if isinstance(obj["audio"], list) else [obj["audio"]]
+    if not clips or not all(isinstance(c, str) and c for c in clips):
+        raise BadLine(f"line {n}: 'audio' must be a file path or a non-empty list of file paths")
+    parts = [{"type": "audio", "audio": c} for c in clips]
+    if obj["prompt"].strip():
+        parts.append({"type": "text", "text": obj["prompt"]})
+    return None, [{"role": "user", "content": parts}]
+
+
 def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only: bool, tokenizer=None,
-               max_len: int | None = None) -> Item:
+               max_len: int | None = None, config=None, base_dir: str | None = None) -> Item:
     """One input line -> Item, or BadLine naming the line and what is wrong with it.
 
-    With a tokenizer, the prompt is also templated and checked against max_len (prompt + max_new_tokens).
+    With a tokenizer and config, the prompt is also templated, its audio read, and checked against max_len
+    (prompt + max_new_tokens).
     """
     from omni_jax.runtime.types import Request
 
@@ -181,21 +217,27 @@ def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only:
         raise BadLine(f"line {n}: unknown speaker {speaker!r}; known: {', '.join(speakers)}")
     sampling = _check_sampling(n, obj)
     max_new = sampling.get("max_new_tokens", FLAGS.max_new_tokens)
-    req = Request(prompt=obj.get("prompt"), messages=obj.get("messages"), system=obj.get("system"),
+    prompt, messages = _messages_of(n, obj)
+    if messages is not None and isinstance(messages, list):
+        messages = _resolve_audio(messages, base_dir)
+    req = Request(prompt=prompt, messages=messages, system=obj.get("system"),
                   speaker=speaker if isinstance(speaker, str) else FLAGS.speaker)
+    ids = feats = None
     try:
         messages = req.to_messages()
-        if tokenizer is not None:
-            n_prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-            if max_len is not None and n_prompt + max_new > max_len:
-                raise BadLine(f"line {n}: prompt of {n_prompt} tokens + max_new_tokens={max_new} exceeds "
-                              f"--max_len={max_len}")
+        if tokenizer is not None and config is not None:
+            from omni_jax.runtime import prompt as prompt_lib
+
+            ids, feats = prompt_lib.encode_messages(tokenizer, config, messages)
+            if max_len is not None:
+                prompt_lib.check_fits(config, len(ids), sum(prompt_lib.audio_rows(config, feats)), max_new, max_len,
+                                      "the prompt")
     except (ValueError, TypeError, AttributeError) as e:
         if isinstance(e, BadLine):
             raise
         raise BadLine(f"line {n}: {e}") from None
     seen.add(item_id)
-    return Item(n, item_id, req, sampling)
+    return Item(n, item_id, req, sampling, ids, feats)
 
 
 def sampling_for(item: Item):
@@ -258,6 +300,9 @@ def main(argv):
     from omni_jax.processing.tokenizer import load_tokenizer
 
     config = _job_config()
+    if not FLAGS.text_only and not config.enable_audio_output:
+        raise UsageError(f"checkpoint {FLAGS.checkpoint} has no talker (a thinker-only model, saved with "
+                         "enable_audio_output=false): it answers in text only; pass --text_only")
     speakers = sorted(name.lower() for name, _ in config.talker.speaker_id)
     if not FLAGS.text_only and FLAGS.speaker.lower() not in speakers:
         raise app.UsageError(f"--speaker {FLAGS.speaker!r} is unknown; known: {', '.join(speakers)}")
@@ -280,7 +325,8 @@ def main(argv):
                                   f"{line_offset + e.start} of {FLAGS.input}); re-save the file as UTF-8") from None
                 if not raw.strip():
                     continue
-                items.append(parse_line(n, raw, seen, speakers, FLAGS.text_only, tokenizer, FLAGS.max_len))
+                items.append(parse_line(n, raw, seen, speakers, FLAGS.text_only, tokenizer, FLAGS.max_len, config,
+                                        os.path.dirname(os.path.abspath(FLAGS.input))))
             except BadLine as e:
                 bad.append(str(e))
                 _bad(str(e))
@@ -315,9 +361,11 @@ def main(argv):
         thinker_s, talker_s, max_new, talker_max = sampling_for(batch[0])
         t0 = time.perf_counter()
         try:
-            results = pipe.generate([it.request for it in batch], text_only=FLAGS.text_only, max_new_tokens=max_new,
-                                    talker_max_new_tokens=talker_max, sampling=thinker_s, talker_sampling=talker_s,
-                                    seed=FLAGS.seed + bi)
+            # The ids and audio features validated above: each clip is read once.
+            results = pipe.generate_ids([it.prompt_ids for it in batch], [it.request.speaker for it in batch],
+                                        audio=[it.audio for it in batch], text_only=FLAGS.text_only,
+                                        max_new_tokens=max_new, talker_max_new_tokens=talker_max, sampling=thinker_s,
+                                        talker_sampling=talker_s, seed=FLAGS.seed + bi)
         except Exception as e:  # noqa: BLE001 - one failing batch must not end the job
             failures += len(batch)
             if isinstance(e, OmniError):  # a known failure (e.g. NaN from bad weights): its message says it all
@@ -334,7 +382,9 @@ def main(argv):
         compute_s += elapsed
         if primary:
             for it, res in zip(batch, results):
-                rec = {"id": it.id, "line": it.line, "text": res.text, "prompt_tokens": len(res.prompt_ids),
+                rec = {"id": it.id, "line": it.line, "text": res.text,
+                       **({"reasoning": res.reasoning} if res.reasoning is not None else {}),
+                       "prompt_tokens": len(res.prompt_ids),
                        "generated_tokens": len(res.token_ids), "finish_reason": res.finish_reason,
                        "audio_seconds": round(res.audio_seconds, 6), "timings": {**res.timings, "batch_s": elapsed}}
                 if res.wav is not None:

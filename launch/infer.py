@@ -6,11 +6,15 @@
   python launch/infer.py --input_ids=151644,872,198,... --greedy --talker_greedy --dump_dir=/tmp/out
   python launch/infer.py --interactive --checkpoint=DIR         # chat on stdin; /reset, /exit
   python launch/infer.py --prompt="hi" --stream --output=- | aplay -f S16_LE -r 24000 -c 1   # streamed speech
+  python launch/infer.py --checkpoint=DIR --audio=question.wav [--audio=more.flac] [--prompt="..."]  # speech in
 
 Speech is on by default and written to --output (default output.wav; --output= writes none).
---dump_dir additionally writes tokens.json, codes.npy (int32 [16, frames]) and audio.wav.
+--dump_dir additionally writes tokens.json (prompt ids with the audio placeholders expanded),
+prompt_logits.npy (float32 [vocab] at the last prompt position), codes.npy (int32 [16, frames]),
+audio.wav and, with --audio, audio_embeds.npy (float32 [audio tokens, hidden]: the encoder rows).
 --interactive keeps the conversation (each reply is appended to the message history), writes
-turn_<n>.wav next to --output and, with --dump_dir, turn_<n>/{tokens.json,codes.npy,audio.wav}.
+turn_<n>.wav next to --output and, with --dump_dir, turn_<n>/{tokens.json,...}; a line
+`/audio PATH` is a spoken turn (that file as the user's message).
 Without --checkpoint the tiny config runs with deterministic random weights (smoke test only).
 """
 
@@ -34,6 +38,8 @@ shared.define_sampling_flags()
 flags.DEFINE_string("prompt", None, "User message (ChatML template applied).")
 flags.DEFINE_string("prompt_file", None, "File whose contents are the user message.")
 flags.DEFINE_string("input_ids", None, "Comma-separated exact prompt token ids (no template).")
+flags.DEFINE_multi_string("audio", [], "Audio file for the user turn (anything soundfile reads: WAV, FLAC, OGG, "
+                          "MP3; any rate and channel count); repeatable; with or without --prompt.")
 flags.DEFINE_string("system", None, "Optional system message.")
 flags.DEFINE_bool("interactive", False, "Chat on stdin, keeping the history; '/reset' clears it, '/exit' or EOF quits "
                   "(turn n samples with --seed + n - 1).")
@@ -58,10 +64,13 @@ def _check_flags() -> None:
     """Flag checks that need neither jax nor the model: they fail in well under a second."""
     given = _prompt_given()
     if FLAGS.interactive:
-        if given:
-            raise UsageError(f"--interactive reads the prompts from stdin; drop --{', --'.join(given)}")
-    elif len(given) != 1:
-        raise UsageError(f"give exactly one of --prompt, --prompt_file, --input_ids (got {given or 'none'})")
+        if given or FLAGS.audio:
+            raise UsageError(f"--interactive reads the prompts (and /audio PATH lines) from stdin; drop "
+                             f"--{', --'.join(given + (['audio'] if FLAGS.audio else []))}")
+    elif FLAGS.audio and FLAGS.input_ids is not None:
+        raise UsageError("--input_ids are exact ids without audio; use --prompt or --prompt_file with --audio")
+    elif len(given) > 1 or (not given and not FLAGS.audio):
+        raise UsageError(f"give exactly one of --prompt, --prompt_file, --input_ids, or --audio (got {given or 'none'})")
     if FLAGS.stream:
         bad = [f for f in ("interactive", "text_only", "dump_dir") if getattr(FLAGS, f)]
         if bad:
@@ -95,7 +104,24 @@ def _prompt_text() -> str | None:
     return text
 
 
-def _prompt_ids(tokenizer, text: str | None, vocab_size: int) -> list[int]:
+def _user_message(text: str | None, audio: list) -> dict:
+    """The user turn: plain text, or the audio clips then the text as content parts."""
+    if not audio:
+        return {"role": "user", "content": text}
+    parts = [{"type": "audio", "audio": a} for a in audio]
+    return {"role": "user", "content": parts + ([{"type": "text", "text": text}] if text else [])}
+
+
+def _prompt(tokenizer, config, text: str | None) -> tuple[list[int], list]:
+    """(prompt ids, audio features per clip); every --audio file is read and checked here, before the weights load."""
+    from omni_jax.runtime import prompt as prompt_lib
+
+    if FLAGS.input_ids is not None:
+        return _prompt_ids(config.thinker.text.vocab_size), []
+    return prompt_lib.encode_messages(tokenizer, config, _system_messages() + [_user_message(text, FLAGS.audio)])
+
+
+def _prompt_ids(vocab_size: int) -> list[int]:
     if FLAGS.input_ids is not None:
         try:
             ids = [int(t) for t in FLAGS.input_ids.split(",") if t.strip()]
@@ -107,16 +133,20 @@ def _prompt_ids(tokenizer, text: str | None, vocab_size: int) -> list[int]:
         if bad:
             raise UsageError(f"--input_ids has ids outside [0, {vocab_size}): {bad[:5]}")
         return ids
-    return tokenizer.apply_chat_template(_system_messages() + [{"role": "user", "content": text}],
-                                         add_generation_prompt=True)
+    raise AssertionError("no --input_ids")
 
 
-def _check_fits(n_prompt: int) -> None:
-    need = n_prompt + FLAGS.max_new_tokens
-    if need > FLAGS.max_len:
-        raise UsageError(f"the prompt is {n_prompt} tokens and --max_new_tokens={FLAGS.max_new_tokens}, together "
-                         f"{need} tokens, longer than --max_len={FLAGS.max_len}; raise --max_len to at least {need}, "
-                         "lower --max_new_tokens or shorten the prompt")
+def _check_fits(config, n_prompt: int, audio) -> None:
+    from omni_jax.runtime import prompt as prompt_lib
+
+    prompt_lib.check_fits(config, n_prompt, sum(prompt_lib.audio_rows(config, audio)) if audio else 0,
+                          FLAGS.max_new_tokens, FLAGS.max_len)
+
+
+def _check_speech(config) -> None:
+    if not config.enable_audio_output:
+        raise UsageError(f"checkpoint {FLAGS.checkpoint} has no talker (a thinker-only model, saved with "
+                         "enable_audio_output=false): it answers in text only; pass --text_only")
 
 
 def _system_messages() -> list[dict]:
@@ -146,16 +176,17 @@ def _run():
     dtype = shared.parse_dtype_flag(FLAGS.dtype)
     config = load_config(FLAGS.checkpoint or DEFAULT_CONFIG)
     if not FLAGS.text_only:
+        _check_speech(config)
         config.talker.speaker(FLAGS.speaker)  # unknown speaker -> UsageError listing the known ones
     mesh = shared.make_mesh_flag(FLAGS.mesh, config)
-    prompt = None
+    prompt, audio = None, []
     if not FLAGS.interactive:
-        prompt = _prompt_ids(load_tokenizer(FLAGS.checkpoint), text, config.thinker.text.vocab_size)
-        _check_fits(len(prompt))
+        prompt, audio = _prompt(load_tokenizer(FLAGS.checkpoint), config, text)
+        _check_fits(config, len(prompt), audio)
     pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=dtype, max_len=FLAGS.max_len, mesh=mesh,
                              prefill_chunk=FLAGS.prefill_chunk)
     if FLAGS.stream:
-        return _stream(pipe, samplings, prompt)
+        return _stream(pipe, samplings, prompt, audio)
     primary = is_primary()  # every process computes; only process 0 prints and writes
     say = print if primary else (lambda *a, **k: None)
     if pipe.random_weights:
@@ -164,16 +195,17 @@ def _run():
     if FLAGS.interactive:
         _chat(pipe, samplings, say, primary)
         return
-    res = _answer(pipe, prompt, samplings, FLAGS.seed)
+    res = _answer(pipe, prompt, samplings, FLAGS.seed, audio)
     if primary:
         _report(pipe, res, FLAGS.output or None, FLAGS.dump_dir)
 
 
-def _answer(pipe, prompt: list[int], samplings, seed: int):
+def _answer(pipe, prompt: list[int], samplings, seed: int, audio=()):
     text, talker = samplings
     (res,) = pipe.generate_ids(
         [prompt], FLAGS.speaker, text_only=FLAGS.text_only, max_new_tokens=FLAGS.max_new_tokens,
         talker_max_new_tokens=FLAGS.talker_max_new_tokens, sampling=text, talker_sampling=talker, seed=seed,
+        audio=[list(audio)],
     )
     return res
 
@@ -184,6 +216,8 @@ def _report(pipe, res, wav_path: str | None, dump_dir: str | None, label: str = 
 
     print(f"[{label}{len(res.prompt_ids)} prompt tokens, {len(res.token_ids)} generated, "
           f"finish: {res.finish_reason}]")
+    if res.reasoning is not None:
+        print(f"[reasoning]\n{res.reasoning}\n[answer]")
     print(res.text, flush=True)
     if res.wav is not None:
         print(f"[speech: {res.codes.shape[1]} frames, {res.audio_seconds:.2f} s at {res.sample_rate} Hz, "
@@ -194,11 +228,16 @@ def _report(pipe, res, wav_path: str | None, dump_dir: str | None, label: str = 
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
         doc = {"prompt_ids": res.prompt_ids, "generated_ids": res.token_ids, "text": res.text,
+               **({"reasoning": res.reasoning} if res.reasoning is not None else {}),
                "finish_reason": res.finish_reason, "weights": pipe.loaded.source, **(extra or {})}
         if res.codes is not None:
             doc.update(speaker=FLAGS.speaker, frames=int(res.codes.shape[1]), sample_rate=res.sample_rate)
             np.save(os.path.join(dump_dir, "codes.npy"), np.asarray(res.codes, np.int32))
             _write_wav(os.path.join(dump_dir, "audio.wav"), res)
+        if res.prompt_logits is not None:
+            np.save(os.path.join(dump_dir, "prompt_logits.npy"), np.asarray(res.prompt_logits, np.float32))
+        if res.audio_embeds is not None:
+            np.save(os.path.join(dump_dir, "audio_embeds.npy"), np.asarray(res.audio_embeds, np.float32))
         with open(os.path.join(dump_dir, "tokens.json"), "w", encoding="utf-8") as f:
             json.dump(doc, f, ensure_ascii=False)
         print(f"wrote {dump_dir}")
@@ -213,6 +252,8 @@ def _write_wav(path: str, res) -> None:
 
 def _chat(pipe, samplings, say, primary: bool) -> None:
     """Read user turns from stdin; each reply joins the history the next prompt is built from."""
+    from omni_jax.runtime.types import Request
+
     history = _system_messages()
     wav_dir = os.path.dirname(os.path.abspath(FLAGS.output)) if FLAGS.output else None
     say("interactive chat: type a message and press Enter; /reset clears the history, /exit or EOF quits", flush=True)
@@ -232,11 +273,15 @@ def _chat(pipe, samplings, say, primary: bool) -> None:
             history = _system_messages()
             say("[history cleared]", flush=True)
             continue
-        messages = history + [{"role": "user", "content": text}]
-        prompt = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        content = text
+        if text == "/audio" or text.startswith("/audio "):
+            content = [{"type": "audio", "audio": text[len("/audio"):].strip()}]
+        messages = history + [{"role": "user", "content": content}]
         try:
-            res = _answer(pipe, prompt, samplings, FLAGS.seed + turn)
-        except ValueError as e:  # e.g. the history outgrew --max_len: report, keep the session
+            # The whole history is re-rendered, earlier clips included (their files are read again).
+            prompt, audio = pipe.prepare(Request(messages=messages))
+            res = _answer(pipe, prompt, samplings, FLAGS.seed + turn, audio)
+        except ValueError as e:  # a bad file, or the history outgrew --max_len: report, keep the session
             say(f"error: {e} (turn not added; /reset clears the history)", flush=True)
             continue
         turn += 1
@@ -247,7 +292,7 @@ def _chat(pipe, samplings, say, primary: bool) -> None:
             _report(pipe, res, wav, dump, label=f"turn {turn}: ", extra={"messages": messages})
 
 
-def _stream(pipe, samplings, prompt: list[int]) -> None:
+def _stream(pipe, samplings, prompt: list[int], audio) -> None:
     """--stream: text deltas and progressive audio (omni_jax.cli.output; latencies printed at the end)."""
     from omni_jax.cli.output import stream_to_outputs
 
@@ -258,7 +303,7 @@ def _stream(pipe, samplings, prompt: list[int]) -> None:
     text, talker = samplings
     stream = pipe.stream(prompt, speaker=FLAGS.speaker, max_new_tokens=FLAGS.max_new_tokens,
                          talker_max_new_tokens=FLAGS.talker_max_new_tokens, sampling=text, talker_sampling=talker,
-                         seed=FLAGS.seed, chunk_frames=FLAGS.stream_chunk)
+                         seed=FLAGS.seed, chunk_frames=FLAGS.stream_chunk, audio=list(audio))
     stream_to_outputs(stream, FLAGS.output or None, pipe.sample_rate, text_out=log)
     if FLAGS.output and FLAGS.output != "-":
         print(f"wrote {FLAGS.output}", file=log)

@@ -41,8 +41,10 @@ VARIANTS = {
 # (written into config.json, so a converted checkpoint carries them).
 SPECIAL = dict(im_start_token_id=1000, im_end_token_id=1001, system_token_id=1002, user_token_id=1003,
                assistant_token_id=1004, tts_pad_token_id=1005, tts_bos_token_id=1006, tts_eos_token_id=1007)
-# transformers' thinker rope index reads these; tiny.json leaves them out.
-THINKER_EXTRA = dict(vision_start_token_id=151652, audio_start_token_id=151669)
+# transformers' thinker rope index reads these; tiny.json leaves them out. The audio ids sit below the fixture vocab
+# too, so prompts can carry audio placeholders.
+THINKER_EXTRA = dict(vision_start_token_id=151652, audio_token_id=1008, audio_start_token_id=1009,
+                     audio_end_token_id=1010)
 
 # A talker unlike tiny.json's: more heads, 1-D-ish M-RoPE split, 6 experts top-3 without renormalisation,
 # a 3-layer code predictor with one KV head.
@@ -68,9 +70,9 @@ def chat_ids(rng, system_len: int, user_len: int) -> list[int]:
     return out + [s["im_start_token_id"], s["assistant_token_id"], 198]
 
 
-def hf_generate(hf, prompt: list[int], speaker: str, thinker_new: int, talker_new: int, eos_id: int):
+def hf_generate(hf, prompt: list[int], speaker: str, thinker_new: int, talker_new: int, eos_id: int, **extra):
     """transformers' greedy single-sequence speech generate: (new text ids, codes [16, T] fed to code2wav,
-    waveform)."""
+    waveform). extra: more generate arguments (input_features, feature_attention_mask)."""
     import torch
 
     cap, orig = {}, hf.code2wav.chunked_decode
@@ -84,7 +86,7 @@ def hf_generate(hf, prompt: list[int], speaker: str, thinker_new: int, talker_ne
         seq, wav = hf.generate(
             input_ids=torch.tensor([prompt]), speaker=speaker, return_audio=True, thinker_do_sample=False,
             talker_do_sample=False, thinker_max_new_tokens=thinker_new, talker_max_new_tokens=talker_new,
-            thinker_eos_token_id=eos_id)
+            thinker_eos_token_id=eos_id, **extra)
     finally:
         del hf.code2wav.chunked_decode
     return seq[0, len(prompt):].tolist(), cap["codes"][0].numpy(), wav.reshape(-1).numpy()

@@ -195,3 +195,39 @@ def test_steps_compile_once_per_window_bucket(encoder_case):
         assert _rel_l2(np.concatenate(rows), _hf_rows(hf, feats)) <= 1e-5
         assert steps.fn._cache_size() == (1 if i < 2 else 2)
     assert steps.encode(params, []) == []
+
+
+def test_messages_to_ids_and_features(tmp_path):
+    """Content parts -> prompt ids with each clip's pads expanded, and its features; any rate and channel count in,
+    bad parts named; a model without an audio tower refuses audio with a usage error."""
+    import soundfile as sf
+
+    from omni_jax.config import load_config, parse_config
+    from omni_jax.processing.tokenizer import load_tokenizer
+    from omni_jax.runtime import prompt as prompt_lib
+    from tests import reference
+
+    tok = load_tokenizer()
+    config = parse_config(reference.hf_config_dict(reference.tiny_config_dict(), vocab_size=None))
+    assert config.thinker.audio is not None and config.thinker.audio.num_mel_bins == 16
+    rng = np.random.default_rng(0)
+    path = tmp_path / "q.flac"
+    sf.write(str(path), rng.uniform(-0.5, 0.5, (44100 * 13 // 10, 2)).astype(np.float32), 44100)  # 1.3 s stereo
+    clip = (rng.uniform(-0.5, 0.5, 16000 * 7 // 10).astype(np.float32), 16000)  # 0.7 s as (samples, rate)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": str(path)}, {"type": "text", "text": "and"},
+                                             {"type": "audio", "audio": clip}]}]
+    assert prompt_lib.audio_sources(messages) == [str(path), clip]
+    ids, feats = prompt_lib.encode_messages(tok, config, messages)
+    assert [f.shape for f in feats] == [(16, 130), (16, 70)]
+    rows = prompt_lib.audio_rows(config, feats)
+    assert rows == [13 + 4, 9]  # 13 per full 100-frame chunk + ceil(remainder / 8)
+    pad = config.thinker.audio_token_id
+    assert ids.count(pad) == sum(rows)
+    assert ids == audio.expand_audio_pads(tok.apply_chat_template(messages), pad, rows)
+    assert prompt_lib.audio_tokens_per_second(config) == 13
+    with pytest.raises(UsageError, match=r"26 of them are audio \(13 tokens per second\), so about 1 s of audio fit"):
+        prompt_lib.check_fits(config, len(ids), sum(rows), 10, len(ids) - sum(rows) + 10 + 25)
+    with pytest.raises(UsageError, match="audio part 0 has no 'audio'"):
+        prompt_lib.audio_sources([{"role": "user", "content": [{"type": "audio"}]}])
+    with pytest.raises(UsageError, match="no audio encoder"):
+        prompt_lib.encode_messages(tok, load_config("tiny"), messages)

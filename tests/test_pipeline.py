@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from omni_jax.models import code2wav as c2w
+from omni_jax.models.audio_encoder import rows_for_frames
+from omni_jax.processing import audio as audio_lib
 from omni_jax.checkpoint.convert import convert_checkpoint
 from omni_jax.runtime.pipeline import OmniPipeline
 from omni_jax.runtime.sampling import TalkerSampling
@@ -158,3 +160,64 @@ def test_chunked_prefill_pipeline_matches_single_pass(tiny_pipe):
     np.testing.assert_array_equal(a.codes, b.codes)
     assert a.codes.shape[-1] > 0
     np.testing.assert_allclose(a.wav, b.wav, atol=1e-6)  # fp32; hidden states differ only by summation order
+
+
+def _audio_prompt(rng, clip_rows: list[int], text_len: int = 3) -> list[int]:
+    """A user turn with `<|audio_start|>` n x `<|audio_pad|>` `<|audio_end|>` per clip, then the assistant header."""
+    s, a = SPECIAL, THINKER_EXTRA
+    out = [s["im_start_token_id"], s["user_token_id"]]
+    for n in clip_rows:
+        out += [a["audio_start_token_id"]] + [a["audio_token_id"]] * n + [a["audio_end_token_id"]]
+    out += [int(t) for t in rng.integers(0, 999, text_len)] + [s["im_end_token_id"], 198]
+    return out + [s["im_start_token_id"], s["assistant_token_id"], 198]
+
+
+def _clip(rng, frames: int) -> np.ndarray:
+    """frames * 10 ms of a 16 kHz test signal: two tones and noise."""
+    t = np.arange(frames * audio_lib.HOP) / audio_lib.SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1250 * t)
+            + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
+def test_spoken_questions_match_hf(cases):
+    """Audio in, speech out: greedy tokens, codes and waveform equal transformers' generate with input_features /
+    feature_attention_mask. Two rows of different audio lengths in one batch (one clip over a chunk boundary with a
+    remainder; two clips in one turn), each against HF's single-sequence run."""
+    c = cases["base"]
+    cfg = c.pipe.config.thinker.audio
+    rng = np.random.default_rng(5)
+    clips = [[130], [70, 45]]  # mel frames per clip: 17 rows; 9 + 6 rows
+    feats = [[audio_lib.log_mel(_clip(rng, n), cfg.num_mel_bins) for n in row] for row in clips]
+    prompts = [_audio_prompt(rng, [rows_for_frames(n, cfg.chunk_frames) for n in row]) for row in clips]
+    speakers = ["aiden", "ethan"]
+    ours = c.pipe.generate_ids(prompts, speakers, audio=feats, max_new_tokens=c.thinker_new,
+                               talker_max_new_tokens=c.talker_new, talker_sampling=TalkerSampling.greedy(),
+                               eos_ids=[SPECIAL["im_end_token_id"]])
+    for row, (prompt, speaker) in enumerate(zip(prompts, speakers)):
+        frames = [f.shape[1] for f in feats[row]]
+        padded = np.zeros((len(frames), cfg.num_mel_bins, max(frames)), np.float32)
+        mask = np.zeros((len(frames), max(frames)), np.int64)
+        for i, f in enumerate(feats[row]):
+            padded[i, :, : f.shape[1]], mask[i, : f.shape[1]] = f, 1
+        hf_tokens, hf_codes, hf_wav = reference.hf_generate(
+            c.hf, prompt, speaker, c.thinker_new, c.talker_new, SPECIAL["im_end_token_id"],
+            input_features=torch.tensor(padded), feature_attention_mask=torch.tensor(mask))
+        res = ours[row]
+        with torch.no_grad():  # the thinker's prompt logits with the audio merged in, at the last prompt position
+            hf_logits = c.hf.thinker(input_ids=torch.tensor([prompt]), input_features=torch.tensor(padded),
+                                     feature_attention_mask=torch.tensor(mask)).logits[0, -1].numpy()
+        assert _rel_l2(res.prompt_logits, hf_logits) <= 1e-5
+        err = _centered_rel_l2(res.wav, hf_wav)
+        print(f"audio row {row} ({frames} frames): tokens {res.token_ids} codes {res.codes.shape} centered rel L2 "
+              f"{err:.2e}")
+        assert res.audio_embeds.shape == (sum(rows_for_frames(n, cfg.chunk_frames) for n in frames),
+                                          c.pipe.config.thinker.text.hidden_size)
+        assert res.token_ids == hf_tokens
+        np.testing.assert_array_equal(res.codes, hf_codes)
+        assert res.wav.shape == hf_wav.shape and _rel_l2(res.wav, hf_wav) <= 1e-4 and err <= 1e-4
+    # The audio changes the answer: the same prompt with silence instead gives other hidden states.
+    silent = [[np.full_like(f, f.min()) for f in row] for row in feats]
+    again = c.pipe.generate_ids(prompts, speakers, audio=silent, max_new_tokens=2, text_only=True,
+                                eos_ids=[SPECIAL["im_end_token_id"]])
+    assert not np.allclose(again[0].audio_embeds, ours[0].audio_embeds)

@@ -301,13 +301,3 @@ def test_content_parts_render_audio_placeholders(tok: QwenTokenizer):
     assert out[first - 1] == tok.token_to_id("<|audio_start|>") and out[first + 9] == tok.token_to_id("<|audio_end|>")
     with pytest.raises(UsageError, match="2 audio placeholder"):
         audio.expand_audio_pads(ids, pad, [9])
-
-
-def test_request_with_audio_is_refused_until_the_pipeline_encodes_it():
-    from omni_jax.runtime.types import Request
-
-    req = Request(messages=[{"role": "user", "content": [{"type": "audio", "audio": "q.wav"}]}])
-    with pytest.raises(UsageError, match="audio input is not supported"):
-        req.to_messages()
-    text_parts = Request(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
-    assert text_parts.to_messages()[0]["content"][0]["text"] == "hi"

@@ -328,7 +328,7 @@ def convert_checkpoint(
     # Everything below up to the first write checks names, shapes and dtypes from the headers only.
     infos = index_checkpoint(hf_dir)
     owners = {c.name for c in map(registry.owner, infos) if c is not None}
-    roots = tuple(name for name in registry.built_names() if name in owners)
+    roots = tuple(name for name in registry.built_names() if name in owners and registry.get(name).in_config(config))
     if not roots:
         raise CheckpointError(f"{hf_dir}: no tensors of any component omni_jax builds "
                               f"({', '.join(registry.built_names())}); is this a Qwen3-Omni checkpoint?")

@@ -186,7 +186,12 @@ def load_params(
             raise CheckpointError(f"{checkpoint_dir} has no config.json; pass the config the checkpoint was converted "
                                   "with (config=)")
         config = load_config(checkpoint_dir)
-    roots = registry.default_roots(config) if roots is None else tuple(roots)
+    if roots is None:
+        # An optional component (the audio tower) loads when the checkpoint has it: one converted before omni_jax
+        # built it still loads, without it.
+        saved = {p[0] for p in layout}
+        roots = tuple(r for r in registry.default_roots(config) if r in saved or not registry.get(r).optional)
+    roots = tuple(roots)
     target = flatten(registry.abstract_params(config, dtype, roots))
     _check_against_layout(checkpoint_dir, layout, target)
 

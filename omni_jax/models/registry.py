@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax.config import OmniConfig
-from omni_jax.models import code2wav, talker, thinker
+from omni_jax.models import audio_encoder, code2wav, talker, thinker
 from omni_jax.models.rules import Rule
 
 
@@ -35,6 +35,10 @@ class Component:
     hf_prefixes: tuple[str, ...]  # checkpoint keys it owns (the longest matching prefix wins)
     module: ModuleType | None  # None: known, not built yet (keys skipped)
     speech: bool = False  # only in checkpoints with audio output (enable_audio_output)
+    # Whether a config has this component at all (the audio tower needs thinker_config.audio_config).
+    in_config: Callable[[OmniConfig], bool] = lambda config: True
+    # Loaded when the checkpoint has it: checkpoints converted before omni_jax built it still load, without it.
+    optional: bool = False
 
     @property
     def built(self) -> bool:
@@ -43,7 +47,8 @@ class Component:
 
 COMPONENTS: tuple[Component, ...] = (
     Component("thinker", ("thinker.",), thinker),
-    Component("audio_tower", ("thinker.audio_tower.",), None),
+    Component("audio_tower", ("thinker.audio_tower.",), audio_encoder,
+              in_config=lambda config: config.thinker.audio is not None, optional=True),
     Component("visual", ("thinker.visual.",), None),
     Component("talker", ("talker.",), talker, speech=True),
     Component("code2wav", ("code2wav.",), code2wav, speech=True),
@@ -62,8 +67,9 @@ def built_names() -> tuple[str, ...]:
 
 
 def default_roots(config: OmniConfig) -> tuple[str, ...]:
-    """Components a model needs: every built one, the speech ones only when the config speaks."""
-    return tuple(c.name for c in COMPONENTS if c.built and (config.enable_audio_output or not c.speech))
+    """Components a model has: every built one its config describes, the speech ones only when the config speaks."""
+    return tuple(c.name for c in COMPONENTS
+                 if c.built and c.in_config(config) and (config.enable_audio_output or not c.speech))
 
 
 def owner(key: str) -> Component | None:
@@ -81,6 +87,8 @@ def _roots(config: OmniConfig, roots: Iterable[str] | None) -> tuple[str, ...]:
     for r in roots:
         if not get(r).built:
             raise ValueError(f"component {r!r} is not built by this version of omni_jax")
+        if not get(r).in_config(config):
+            raise ValueError(f"component {r!r} is not described by this config")
     return roots
 
 

@@ -59,8 +59,9 @@ def _window(n_fft: int) -> np.ndarray:
     return np.hanning(n_fft + 1)[:-1]  # periodic Hann
 
 
-def log_mel(samples: np.ndarray) -> np.ndarray:
-    """[N_MELS, len(samples) // HOP] float32 features of one 16 kHz mono clip (module docstring)."""
+def log_mel(samples: np.ndarray, n_mels: int = N_MELS) -> np.ndarray:
+    """[n_mels, len(samples) // HOP] float32 features of one 16 kHz mono clip (module docstring); n_mels is the
+    encoder's num_mel_bins (128 in every released checkpoint)."""
     x = np.asarray(samples, np.float64).reshape(-1)
     frames_out = len(x) // HOP
     if frames_out == 0:
@@ -69,7 +70,7 @@ def log_mel(samples: np.ndarray) -> np.ndarray:
     n = 1 + (len(padded) - N_FFT) // HOP
     idx = np.arange(N_FFT)[None, :] + HOP * np.arange(n)[:, None]
     spec = np.abs(np.fft.rfft(padded[idx] * _window(N_FFT), n=N_FFT, axis=-1)) ** 2  # [frames, freqs]
-    mel = mel_filters().T @ spec.T  # [mels, frames]
+    mel = mel_filters(n_mels).T @ spec.T  # [mels, frames]
     logs = np.log10(np.maximum(mel, MEL_FLOOR))[:, :frames_out]  # the last STFT frame is dropped
     logs = np.maximum(logs, logs.max() - 8.0)
     return ((logs + 4.0) / 4.0).astype(np.float32)

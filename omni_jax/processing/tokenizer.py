@@ -331,6 +331,23 @@ class QwenTokenizer:
         """Text of `ids` (accepts lists or numpy/JAX int arrays); optionally drop special tokens."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def split_reasoning(self, ids: Sequence[int]) -> tuple[list[int] | None, list[int]]:
+        """(reasoning ids or None, answer ids) of a reply: a Thinking model writes `<think> ... </think>` before
+        its answer (the template may already have opened the `<think>`); a reply cut off inside it is all
+        reasoning. Replies without the markers are all answer."""
+        ids = [int(i) for i in ids]
+        try:
+            start, end = self.token_to_id("<think>"), self.token_to_id("</think>")
+        except KeyError:
+            return None, ids
+        if end in ids:
+            cut = ids.index(end)
+            head = ids[:cut]
+            return (head[1:] if head[:1] == [start] else head), ids[cut + 1:]
+        if ids[:1] == [start]:
+            return ids[1:], []
+        return None, ids
+
     # -- chat ----------------------------------------------------------------
     @staticmethod
     def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:

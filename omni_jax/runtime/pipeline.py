@@ -24,7 +24,9 @@ import numpy as np
 
 from omni_jax.errors import UsageError
 from omni_jax.runtime import layout as layout_lib
+from omni_jax.runtime import prompt as prompt_lib
 from omni_jax.runtime import vocoder
+from omni_jax.runtime.audio_encoder import AudioEncoderSteps
 from omni_jax.runtime.loading import LoadedModel, load_model
 from omni_jax.runtime.sampling import SamplingParams, TalkerSampling
 from omni_jax.runtime.streaming import SpeechStream
@@ -65,6 +67,8 @@ class OmniPipeline:
                 from omni_jax.sharding import rules
 
                 params["talker"] = rules.place(params["talker"], self.talker.param_shardings())
+        # The audio encoder (when the checkpoint has one) runs as one plain jit: replicated under a mesh.
+        self.audio = AudioEncoderSteps(self.config.thinker.audio, self.dtype) if "audio_tower" in params else None
         self.params = params
         self.loaded = dataclasses.replace(loaded, params=params)  # no second reference to unplaced arrays
 
@@ -91,8 +95,16 @@ class OmniPipeline:
         return [name for name, _ in self.config.talker.speaker_id]
 
     def encode(self, request: Request | str) -> list[int]:
+        """The request's prompt ids (chat template applied; each audio clip's placeholder expanded to its rows)."""
+        return self.prepare(request)[0]
+
+    def prepare(self, request: Request | str) -> tuple[list[int], list[np.ndarray]]:
+        """(prompt ids, log-mel features [mels, frames] of each audio clip in order): the clips are read, checked
+        and resampled here, so bad audio fails before anything runs."""
         request = Request(prompt=request) if isinstance(request, str) else request
-        return self.tokenizer.apply_chat_template(request.to_messages(), add_generation_prompt=True)
+        if self.audio is None and prompt_lib.audio_sources(request.to_messages()):
+            raise UsageError("the request has audio, but this checkpoint has no audio encoder (thinker.audio_tower)")
+        return prompt_lib.encode_messages(self.tokenizer, self.config, request.to_messages())
 
     def generate(self, requests: Sequence[Request | str], *, text_only: bool = False,
                  callback: Callable[[int, int], None] | None = None, **options: Any) -> list[Result]:
@@ -102,8 +114,9 @@ class OmniPipeline:
         requests = [Request(prompt=r) if isinstance(r, str) else r for r in requests]
         if not requests:
             raise UsageError("no requests given")
-        return self.generate_ids([self.encode(r) for r in requests], [r.speaker for r in requests],
-                                 text_only=text_only, callback=callback, **options)
+        prepared = [self.prepare(r) for r in requests]
+        return self.generate_ids([ids for ids, _ in prepared], [r.speaker for r in requests], text_only=text_only,
+                                 callback=callback, audio=[feats for _, feats in prepared], **options)
 
     def generate_ids(
         self,
@@ -118,9 +131,12 @@ class OmniPipeline:
         seed: int = 0,
         eos_ids: Sequence[int] | None = None,
         callback: Callable[[int, int], None] | None = None,
+        audio: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> list[Result]:
         """Answer exact prompt token ids (no template; speech needs an '<|im_start|>assistant' header in each).
 
+        audio: per row, the log-mel features [mels, frames] of its clips in order; the ids then hold each clip's
+        `<|audio_pad|>` expanded to its encoder rows (`prepare` gives both).
         speakers: one name for all rows or one per row (case-insensitive). eos_ids: ids ending the text (default:
         the tokenizer's); they also place the talker's end-of-text marker, like HF's `thinker_eos_token_id`.
         A reply shorter than MIN_SPEECH_TOKENS gets no audio (0 frames, empty waveform).
@@ -141,18 +157,55 @@ class OmniPipeline:
                 self.config.talker.speaker(name)  # unknown speaker -> ValueError listing the known ones
         eos = tuple(int(e) for e in (self.tokenizer.eos_token_ids if eos_ids is None else eos_ids))
         t0 = time.perf_counter()
+        mm_rows = self.encode_audio(prompts, audio, max_new_tokens)
+        t_audio = time.perf_counter() - t0
         out = self.engine.generate(prompts, max_new_tokens, sampling or SamplingParams.greedy(), seed=seed,
-                                   callback=callback, collect_hidden=speech, eos_ids=eos)
-        t_thinker = time.perf_counter() - t0
+                                   callback=callback, collect_hidden=speech, eos_ids=eos, mm_rows=mm_rows)
+        t_thinker = time.perf_counter() - t0 - t_audio
         results = [
-            Result(text=self.tokenizer.decode([t for t in toks if t not in eos], skip_special_tokens=True),
+            Result(text=self._decode(toks, eos), reasoning=self._reasoning(toks, eos),
                    prompt_ids=prompts[b], token_ids=list(toks), finish_reason=out.finish_reasons[b],
-                   sample_rate=self.sample_rate, timings={"thinker_s": t_thinker})
+                   sample_rate=self.sample_rate, timings={"thinker_s": t_thinker},
+                   audio_embeds=None if mm_rows is None or mm_rows[b] is None else mm_rows[b],
+                   prompt_logits=None if out.prompt_logits is None else out.prompt_logits[b])
             for b, toks in enumerate(out.tokens)
         ]
+        if mm_rows is not None:
+            for r in results:
+                r.timings["audio_encoder_s"] = t_audio
         if speech:
             self._speak(results, out, names, eos, talker_max_new_tokens, talker_sampling or TalkerSampling(), seed)
         return results
+
+    def _decode(self, ids: Sequence[int], eos: Sequence[int]) -> str:
+        """The answer text: EOS and a Thinking model's `<think>` block left out."""
+        return self.tokenizer.decode([t for t in self.tokenizer.split_reasoning(ids)[1] if t not in eos],
+                                     skip_special_tokens=True)
+
+    def _reasoning(self, ids: Sequence[int], eos: Sequence[int]) -> str | None:
+        thought = self.tokenizer.split_reasoning(ids)[0]
+        return None if thought is None else self.tokenizer.decode([t for t in thought if t not in eos],
+                                                                  skip_special_tokens=True).strip()
+
+    def encode_audio(self, prompts: list[list[int]], audio: Sequence[Sequence[np.ndarray]] | None,
+                     max_new_tokens: int) -> list[np.ndarray | None] | None:
+        """Per row, its clips' encoder rows [n, H] concatenated in order (None: a row without audio), after
+        checking that each row's placeholders match its clips and fit the cache with the reply budget."""
+        if audio is None or not any(len(a) for a in audio):
+            return None
+        if len(audio) != len(prompts):
+            raise UsageError(f"got audio for {len(audio)} prompts, expected {len(prompts)}")
+        if self.audio is None:
+            raise UsageError("the request has audio, but this checkpoint has no audio encoder (thinker.audio_tower)")
+        pad = self.config.thinker.audio_token_id
+        for b, (ids, feats) in enumerate(zip(prompts, audio)):
+            rows = sum(prompt_lib.audio_rows(self.config, feats))
+            found = sum(1 for t in ids if t == pad)
+            if found != rows:
+                raise UsageError(f"prompt {b} has {found} audio placeholders for its clips' {rows} encoder rows")
+            prompt_lib.check_fits(self.config, len(ids), rows, max_new_tokens, self.max_len, f"prompt {b}")
+        params = self.params["audio_tower"]
+        return [np.concatenate(self.audio.encode(params, list(feats))) if feats else None for feats in audio]
 
     def _speak(self, results: list[Result], out: GenerationResult, speakers: list[str], eos: tuple[int, ...],
                max_new: int, sampling: TalkerSampling, seed: int) -> None:

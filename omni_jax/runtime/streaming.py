@@ -158,16 +158,20 @@ class SpeechStream:
         seed: int = 0,
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
         eos_ids: Sequence[int] | None = None,
+        audio: Sequence[np.ndarray] | None = None,
     ):
         if not pipe.has_speech:
             raise UsageError("this checkpoint has no talker/code2wav weights; streaming speech needs them")
         if isinstance(prompt_or_request, str):
             prompt_or_request = Request(prompt=prompt_or_request)
         if isinstance(prompt_or_request, Request):
-            self.prompt_ids = pipe.encode(prompt_or_request)
+            if audio is not None:
+                raise UsageError("audio= goes with exact prompt ids; a Request carries its audio in content parts")
+            self.prompt_ids, audio = pipe.prepare(prompt_or_request)
             speaker = speaker or prompt_or_request.speaker
         else:
             self.prompt_ids = [int(t) for t in prompt_or_request]
+        self.audio = list(audio or [])
         self.speaker = speaker or "ethan"
         pipe.config.talker.speaker(self.speaker)  # unknown speaker -> ValueError listing the known ones
         if talker_max_new_tokens < 1:
@@ -203,9 +207,13 @@ class SpeechStream:
         tokens: list[int] = []
         token_dev: list[jax.Array] = []  # device [1] arrays of each token (column inputs, never read back)
 
+        mm_rows = pipe.encode_audio([self.prompt_ids], [self.audio], self.max_new_tokens)
+        if mm_rows is not None:
+            timings["audio_encoder_s"] = now()
         pre = engine.start([self.prompt_ids], self.max_new_tokens, self.sampling, self.seed, collect_hidden=True,
-                           eos_ids=self.eos)
+                           eos_ids=self.eos, mm_rows=mm_rows)
         state = pre.state
+        prompt_logits = jnp.copy(state.logits)  # on device: the decode steps donate the state
         thinker_done = False
 
         def take(tok_dev: jax.Array) -> StreamEvent:
@@ -296,6 +304,7 @@ class SpeechStream:
                 finish_reason="eos" if tokens and tokens[-1] in self.eos else "length", codes=all_codes,
                 wav=np.concatenate(wav_parts) if wav_parts else np.zeros((0,), np.float32),
                 sample_rate=pipe.sample_rate, timings=timings,
+                audio_embeds=None if mm_rows is None else mm_rows[0], prompt_logits=np.asarray(prompt_logits)[0],
             )
         finally:
             engine.release(state)

@@ -213,6 +213,7 @@ def prefill_chunk_step(
     tokens: jax.Array,
     lengths: jax.Array,
     offset: jax.Array,
+    embeds: jax.Array | None = None,
     *,
     model: Thinker,
 ) -> tuple[PromptState, jax.Array]:
@@ -224,12 +225,13 @@ def prefill_chunk_step(
     past each row's length, which decode overwrites before reading (as with bucket padding). Each row
     takes its logits [B, V] from the chunk holding its last prompt token, else keeps the ones passed in.
     `offset` is data: one compile per (batch, C) whatever the prompt length. Plain text positions only;
-    embeds/seen are filled only where `prompt` has room for them (see `empty_prompt`).
+    embeds [B, C, H] (optional) replace the chunk's token embeddings (audio rows at their placeholders);
+    embeds/seen are collected only where `prompt` has room for them (see `empty_prompt`).
     """
     c = tokens.shape[1]
     start = prompt.cache.lengths + offset
     last = lengths - 1 - offset  # each row's last prompt column, relative to this chunk
-    out = model.apply({"params": params}, tokens, text_positions(start, c), prompt.cache, start,
+    out = model.apply({"params": params}, tokens, text_positions(start, c), prompt.cache, start, embeds,
                       logits_index=jnp.clip(last, 0, c - 1))
     valid = jnp.arange(c)[None, :] <= last[:, None]
     here = (last >= 0) & (last < c)
@@ -244,6 +246,13 @@ def prefill_chunk_step(
         accept_hidden=acc,
     )
     return prompt, jnp.where(here[:, None], out.logits[:, 0], logits)
+
+
+def merge_embeds(params, tokens: jax.Array, rows: jax.Array, mask: jax.Array, *, model: Thinker) -> jax.Array:
+    """Token embeddings [B, T, H] with rows [B, T, H] where mask [B, T]: encoder outputs replace their
+    placeholders' embeddings, as transformers' masked_scatter does."""
+    x = model.apply({"params": params}, tokens, method=Thinker.embed)
+    return jnp.where(mask[..., None], rows.astype(x.dtype), x)
 
 
 def decode_step(
@@ -346,6 +355,7 @@ class GenerationResult:
     sequences: list[list[int]]  # prompt + generated ids per row
     embeds: np.ndarray | None = None
     accept_hidden: np.ndarray | None = None
+    prompt_logits: np.ndarray | None = None  # [B, V] float32: the logits token 1 was sampled from
 
     @property
     def total_lengths(self) -> list[int]:
@@ -382,6 +392,7 @@ class ThinkerSteps:
         )
         self.chunk_fn = jit(functools.partial(prefill_chunk_step, **common), donate_argnums=(1, 2))
         self.first_token_fn = jit(first_token, static_argnames=statics, donate_argnums=(0,))
+        self.merge_fn = jit(functools.partial(merge_embeds, **common))
 
     def param_shardings(self, rules_table=rules.DEFAULT_RULES):
         """NamedShardings of the thinker params (checkpoint layout) from their logical axes."""
@@ -474,7 +485,8 @@ class ThinkerEngine:
         self.steps = ThinkerSteps(config, dtype, mesh, layout)
         self.model = self.steps.model
         self.params = params if mesh is None else rules.place(params, self.steps.param_shardings())
-        for name in ("prefill_fn", "decode_fn", "loop_fn", "empty_prompt_fn", "chunk_fn", "first_token_fn"):
+        for name in ("prefill_fn", "decode_fn", "loop_fn", "empty_prompt_fn", "chunk_fn", "first_token_fn",
+                     "merge_fn"):
             setattr(self, name, getattr(self.steps, name))
         self._caches: dict[int, KVCache] = {}
         self._stream_target: Callable[[np.ndarray, np.ndarray], None] | None = None
@@ -514,12 +526,14 @@ class ThinkerEngine:
         collect_hidden: bool = False,
         eos_ids: Sequence[int] | None = None,
         prefill_chunk: int | None = None,
+        mm_rows: Sequence[np.ndarray | None] | None = None,
     ) -> Prefilled:
         """Validate, pad to a length bucket and run the compiled prefill (the first half of `generate`).
 
         Public so host-driven loops (omni_jax.runtime.streaming) can step `decode_fn` themselves; hand the final
         state to `release` so the next call reuses its cache. prefill_chunk: overrides the engine's
-        setting for this call (None: use the engine's).
+        setting for this call (None: use the engine's). mm_rows: per prompt, the encoder rows [n, H] that
+        replace its n `<|audio_pad|>` placeholders in order (None or absent: token embeddings only).
         """
         chunk = self.prefill_chunk if prefill_chunk is None else self._check_chunk(prefill_chunk)
         eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
@@ -551,12 +565,13 @@ class ThinkerEngine:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
         rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+        embeds = self._merged_embeds(tokens, prompts, mm_rows)
         if chunked:
             lens = np.asarray(lengths, np.int32)
             prompt, logits = self.empty_prompt_fn(self._cache(batch), sampling=sampling, collect_hidden=collect_hidden)
             for off in range(0, width, chunk):
                 prompt, logits = self.chunk_fn(self.params, prompt, logits, tokens[:, off : off + chunk], lens,
-                                               np.int32(off))
+                                               np.int32(off), None if embeds is None else embeds[:, off : off + chunk])
             state, first, any_pending = self.first_token_fn(
                 prompt, logits, lens, rng, np.asarray(max_new_tokens, np.int32), np.asarray(eos, np.int32).reshape(-1),
                 sampling=sampling, collect_hidden=collect_hidden,
@@ -565,10 +580,31 @@ class ThinkerEngine:
         state, first, any_pending = self.prefill_fn(
             # numpy inputs go straight to the compiled call (jnp.asarray would compile a staging op per shape)
             self.params, self._cache(batch), tokens, np.asarray(lengths, np.int32), rng,
-            np.asarray(max_new_tokens, np.int32), np.asarray(eos, np.int32).reshape(-1),
+            np.asarray(max_new_tokens, np.int32), np.asarray(eos, np.int32).reshape(-1), None, embeds,
             sampling=sampling, collect_hidden=collect_hidden,
         )
         return Prefilled(state, first, any_pending, prompts, eos, sampling)
+
+    def _merged_embeds(self, tokens: np.ndarray, prompts: list[list[int]],
+                       mm_rows: Sequence[np.ndarray | None] | None) -> jax.Array | None:
+        """The prompt embeddings with encoder rows at the audio placeholders, or None when no row has any."""
+        if mm_rows is None or all(r is None for r in mm_rows):
+            return None
+        if len(mm_rows) != len(prompts):
+            raise UsageError(f"got encoder rows for {len(mm_rows)} prompts, expected {len(prompts)}")
+        pad = self.config.thinker.audio_token_id
+        hidden = self.config.thinker.text.hidden_size
+        rows = np.zeros(tokens.shape + (hidden,), np.float32)
+        mask = np.zeros(tokens.shape, bool)
+        for b, (p, r) in enumerate(zip(prompts, mm_rows)):
+            at = np.flatnonzero(np.asarray(p) == pad)
+            r = np.zeros((0, hidden), np.float32) if r is None else np.asarray(r, np.float32)
+            if r.ndim != 2 or r.shape[1] != hidden:
+                raise UsageError(f"prompt {b}: encoder rows have shape {r.shape}; expected [n, {hidden}]")
+            if r.shape[0] != at.size:
+                raise UsageError(f"prompt {b} has {at.size} audio placeholders for {r.shape[0]} encoder rows")
+            rows[b, at], mask[b, at] = r, True
+        return self.merge_fn(self.params, tokens, rows, mask)
 
     def release(self, state: DecodeState) -> None:
         """Keep a finished state's cache for the next call with the same batch size."""
@@ -585,15 +621,18 @@ class ThinkerEngine:
         loop: str | None = None,
         eos_ids: Sequence[int] | None = None,
         prefill_chunk: int | None = None,
+        mm_rows: Sequence[np.ndarray | None] | None = None,
     ) -> GenerationResult:
         """Generate for a batch of token-id prompts (no template applied); rows stop on EOS or max_new_tokens.
 
         callback(row, token) is called for every new token, in order per row. seed: int or a jax PRNG key.
         eos_ids / prefill_chunk: override the engine's stop ids / prefill chunk size for this call.
+        mm_rows: encoder rows per prompt (see `start`).
         """
         loop = self.loop if loop is None else loop
-        pre = self.start(prompts, max_new_tokens, sampling, seed, collect_hidden, eos_ids, prefill_chunk)
+        pre = self.start(prompts, max_new_tokens, sampling, seed, collect_hidden, eos_ids, prefill_chunk, mm_rows)
         state, first, any_pending, prompts, eos, sampling = pre
+        prompt_logits = jnp.copy(state.logits)  # an on-device copy: the state is donated below
         batch = len(prompts)
 
         def emit_host(toks, emitted):
@@ -632,10 +671,10 @@ class ThinkerEngine:
                         break
             for t_, e_, _ in inflight:
                 emit_host(np.asarray(t_), np.asarray(e_))
-        return self._result(state, prompts, collect_hidden, eos)
+        return self._result(state, prompts, collect_hidden, eos, prompt_logits)
 
     def _result(self, state: DecodeState, prompts: list[list[int]], collect_hidden: bool,
-                eos: tuple[int, ...]) -> GenerationResult:
+                eos: tuple[int, ...], prompt_logits: jax.Array | None = None) -> GenerationResult:
         seq, num = np.asarray(state.sequence), np.asarray(state.num_generated)
         gen, reasons = [], []
         for i, p in enumerate(prompts):
@@ -651,4 +690,4 @@ class ThinkerEngine:
         self._caches[len(prompts)] = state.cache
         check_finite(state)  # after keeping the cache, so the engine stays usable
         return GenerationResult(gen, [len(p) for p in prompts], reasons, [p + g for p, g in zip(prompts, gen)],
-                                embeds, accept)
+                                embeds, accept, None if prompt_logits is None else np.asarray(prompt_logits))

@@ -36,19 +36,12 @@ class Request:
             if msgs and msgs[0].get("role") == "system":
                 raise UsageError("request has both 'system' and a system message")
             msgs = [{"role": "system", "content": self.system}] + msgs
-        for i, m in enumerate(msgs):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, (list, tuple)) and any(isinstance(p, dict) and p.get("type") == "audio"
-                                                          for p in content):
-                # The tokenizer renders audio parts, but the pipeline does not encode audio yet: refuse rather
-                # than answer a prompt whose placeholder carries no sound.
-                raise UsageError(f"message {i} has an audio part; audio input is not supported by this pipeline yet")
         return msgs
 
 
 @dataclasses.dataclass
 class Result:
-    text: str
+    text: str  # the answer (a Thinking model's reasoning is in `reasoning`)
     prompt_ids: list[int]
     token_ids: list[int]  # generated ids (EOS included when produced)
     finish_reason: str
@@ -56,6 +49,9 @@ class Result:
     wav: np.ndarray | None = None  # [samples] float32 in [-1, 1]
     sample_rate: int = 24000
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    audio_embeds: np.ndarray | None = None  # [audio tokens, thinker hidden] float32: the rows that replaced the pads
+    prompt_logits: np.ndarray | None = None  # [vocab] float32: the thinker's logits at the last prompt position
+    reasoning: str | None = None  # a Thinking model's `<think> ... </think>` text; None when there was none
 
     @property
     def audio_seconds(self) -> float:
