@@ -12,7 +12,8 @@ phase runs one warm-up each (ours compiles there) and --repeats rounds alternati
 ratio = ours throughput / theirs throughput (> 1: we are faster), our % of the roofline, compile time, memory.
 With --bf16_too our phases run again in bfloat16 afterwards (transformers stays float32: no ratio there).
 
-Phases (--what): prefill, decode, talker, code2wav, e2e, roofline. Definitions are in each phase function's
+Phases (--what): prefill, decode, talker, code2wav, e2e, audio_encoder (its own random encoder at --audio_config's
+width: the real 32 layers x 1280 by default), roofline. Definitions are in each phase function's
 docstring and in the JSON's "definitions". The roofline measures the machine first (before any model is loaded):
 memory bandwidth (copy of a --copy_mib float32 array, read + write bytes) and float32 matmul FLOP/s; decode-like
 phases get bytes of weights read per step -> roofline steps/s; prefill and Code2Wav get FLOPs -> % of matmul rate.
@@ -40,7 +41,7 @@ from tools.bench.phases import DEFINITIONS, PHASE_FNS  # noqa: E402
 from tools.bench.report import print_table  # noqa: E402
 from tools.bench.roofline import measure_machine  # noqa: E402
 
-PHASES = ("prefill", "decode", "talker", "code2wav", "e2e", "roofline")
+PHASES = ("prefill", "decode", "talker", "code2wav", "e2e", "audio_encoder", "roofline")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "tiny | bench | path to an HF-format config.json.")
@@ -57,6 +58,11 @@ flags.DEFINE_integer("e2e_tokens", 24, "Thinker tokens in the talker and end-to-
 flags.DEFINE_integer("e2e_frames", 60, "Max talker frames in the end-to-end phase (greedy).")
 flags.DEFINE_string("prompt", "Tell me about the sea.", "Text prompt of the talker and end-to-end phases.")
 flags.DEFINE_integer("stream_chunk", 4, "Frames per streamed audio chunk (e2e streaming).")
+flags.DEFINE_float("audio_seconds", 30.0, "Audio per call in the audio-encoder phase.")
+flags.DEFINE_string("audio_config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                                 "qwen3_omni_30b_a3b_instruct.json"),
+                    "config.json whose thinker_config.audio_config the audio-encoder phase builds (default: the real "
+                    "one, 32 layers x 1280).")
 flags.DEFINE_integer("max_len", 1024, "Our KV-cache length (must hold prompt_len + 1 and the e2e prompt + reply).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                   "Our dtype in the side-by-side (transformers always runs float32).")
@@ -77,6 +83,15 @@ def _parse_what(what: str) -> list[str]:
     if bad or not todo:
         raise UsageError(f"--what={what!r}: unknown phase(s) {bad}; choose 'all' or from {', '.join(PHASES)}")
     return todo
+
+
+def _audio_config(path: str) -> dict:
+    """The audio-encoder phase's config: our AudioEncoderConfig and transformers' dict, from one config.json."""
+    from omni_jax.config import AudioEncoderConfig
+
+    with open(path) as f:
+        hf = json.load(f)["thinker_config"]["audio_config"]
+    return {"audio_cfg": AudioEncoderConfig.from_hf(hf, "thinker_config.audio_config"), "audio_hf_dict": hf}
 
 
 def run_phases(ctx: Ctx, todo: list[str]) -> dict:
@@ -153,7 +168,8 @@ def main(argv):
                   seed=FLAGS.seed, prompt_len=FLAGS.prompt_len, decode_prompt_len=FLAGS.decode_prompt_len,
                   decode_tokens=FLAGS.decode_tokens, batch_sizes=batch_sizes, talker_frames=FLAGS.talker_frames,
                   code2wav_seconds=FLAGS.code2wav_seconds, e2e_tokens=FLAGS.e2e_tokens, e2e_frames=FLAGS.e2e_frames,
-                  stream_chunk=FLAGS.stream_chunk, eos=eos, prompt_ids=pipe.encode(FLAGS.prompt))
+                  stream_chunk=FLAGS.stream_chunk, eos=eos, prompt_ids=pipe.encode(FLAGS.prompt),
+                  audio_seconds=FLAGS.audio_seconds, **_audio_config(FLAGS.audio_config))
     ctx = Ctx(pipe=pipe, hf=hf, dtype_bytes=4 if FLAGS.dtype == "float32" else 2, **common)
     report["phases"] = run_phases(ctx, todo)
     print_table(f"omni_jax ({FLAGS.dtype}) vs transformers (float32, CPU) -- config {name}, medians of "

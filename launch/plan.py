@@ -4,7 +4,8 @@
 
 Sets XLA_FLAGS=--xla_force_host_platform_device_count=<mesh size> before jax is imported, then
 lowers and compiles the steps requests run — the thinker's decode step and chunked-prefill step
-(omni_jax.runtime.thinker_engine.ThinkerSteps) and the talker step (TalkerGenerator.step) — on
+(omni_jax.runtime.thinker_engine.ThinkerSteps), the talker step (TalkerGenerator.step) and the audio
+encoder on --audio_seconds of audio (AudioEncoderSteps, replicated) — on
 abstract inputs that carry their shardings (no weights are allocated), and prints JSON: per-device
 argument/output/temp bytes from compiled.memory_analysis(), parameter counts, the ideal per-device
 bytes of the layout (expert bytes/(tp*ep) + other param bytes/tp + KV-cache bytes/its shards),
@@ -38,7 +39,7 @@ from omni_jax.sharding import mesh as mesh_lib  # noqa: E402  (jax-free)
 # Facts of the released checkpoint (from its tensor manifest), for comparison with what we build.
 FULL_CHECKPOINT_PARAMS = 35_259_818_545
 CHECKPOINT_COMPONENT_PARAMS = {"audio_tower": 647_927_168, "visual": 538_631_408}
-STEPS = ("thinker_decode", "thinker_prefill", "talker_step")
+STEPS = ("thinker_decode", "thinker_prefill", "talker_step", "audio_encoder")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", os.path.join(ROOT, "configs", "qwen3_omni_30b_a3b_instruct.json"), "Model config.json.")
@@ -49,6 +50,7 @@ flags.DEFINE_integer("max_len", 4096, "KV-cache length.", lower_bound=2)
 flags.DEFINE_integer("prefill_len", 256, "Tokens per prefill chunk (launch/infer.py --prefill_chunk); attention "
                      "scores grow with it.", lower_bound=1)
 flags.DEFINE_integer("talker_trailing", 512, "Talker trailing-text columns (step input).", lower_bound=1)
+flags.DEFINE_float("audio_seconds", 30.0, "Audio per audio-encoder call (one request's clips).", lower_bound=0.01)
 flags.DEFINE_string("moe_impl", "auto", "MoE dispatch of the prefill step (omni_jax.runtime.layout.MOE_IMPLS).")
 flags.DEFINE_string("decode_moe_impl", "auto", "MoE dispatch of the decode and talker steps.")
 flags.DEFINE_list("steps", list(STEPS), f"Steps to plan, from {', '.join(STEPS)}.")
@@ -130,8 +132,10 @@ def plan(num_devices: int) -> dict:
         "steps": {},
     }
 
-    def ideal_bytes(total, experts, cache, cache_shards, itemsize):
-        return experts * itemsize / (tp * ep) + (total - experts) * itemsize / tp + cache * itemsize / cache_shards
+    def ideal_bytes(total, experts, cache, cache_shards, itemsize, param_shards=None):
+        dense_shards = tp if param_shards is None else param_shards
+        return (experts * itemsize / (tp * ep) + (total - experts) * itemsize / dense_shards
+                + cache * itemsize / cache_shards)
 
     def memory(compiled):
         m = compiled.memory_analysis()
@@ -155,7 +159,7 @@ def plan(num_devices: int) -> dict:
                 out[key] = dict(d, count=1)
         return list(out.values())
 
-    def analyse(name, lower, total, experts, cache, cache_spec):
+    def analyse(name, lower, total, experts, cache, cache_spec, param_shards=None):
         shards = spec_shards(cache_spec)
         entry: dict = {"kv_cache_spec": str(cache_spec), "kv_cache_shards": shards}
         for label, dt in (("bf16_on_cpu", jnp.bfloat16), ("f32_on_cpu", jnp.float32)):
@@ -164,7 +168,7 @@ def plan(num_devices: int) -> dict:
             t0 = time.time()
             compiled = lower(dt).compile()
             mem = memory(compiled)
-            ideal = ideal_bytes(total, experts, cache, shards, jnp.dtype(dt).itemsize)
+            ideal = ideal_bytes(total, experts, cache, shards, jnp.dtype(dt).itemsize, param_shards)
             mem.update(ideal_bytes=int(ideal), measured_over_ideal=round(mem["total_bytes"] / ideal, 4),
                        compile_seconds=round(time.time() - t0, 1))
             entry[label] = mem
@@ -217,6 +221,33 @@ def plan(num_devices: int) -> dict:
         probe = TalkerGenerator(config, jnp.float32, mesh=mesh).abstract_step_args(B, L, FLAGS.talker_trailing,
                                                                                    talker_greedy)[1]
         analyse("talker_step", lower_talker, *counts["talker"], cache_elems(tk), probe.cache.k.sharding.spec)
+
+    if "audio_encoder" in FLAGS.steps and "audio_tower" in counts:
+        # The encoder runs replicated (omni_jax.runtime.pipeline): its whole params sit on every device.
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from omni_jax.models.audio_encoder import windows_needed
+        from omni_jax.runtime.audio_encoder import AudioEncoderSteps
+
+        acfg = config.thinker.audio
+        frames = int(FLAGS.audio_seconds * 100)
+        clip = jax.ShapeDtypeStruct((acfg.num_mel_bins, frames), jnp.float32)
+        windows = AudioEncoderSteps(acfg).windows_for([clip])
+        assert windows >= windows_needed([frames], acfg)
+        replicated = NamedSharding(mesh, PartitionSpec())
+
+        def lower_audio(dt):
+            steps = AudioEncoderSteps(acfg, dt)
+            params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                            registry.abstract_params(config, dt, ("audio_tower",))["audio_tower"])
+            per = acfg.chunks_per_window
+            sds = lambda shape, d: jax.ShapeDtypeStruct(shape, d, sharding=replicated)  # noqa: E731
+            return steps.fn.lower({"params": params}, sds((windows, per, acfg.num_mel_bins, acfg.chunk_frames),
+                                                          jnp.float32),
+                                  sds((windows, per), jnp.int32), sds((windows, per), jnp.int32))
+
+        analyse("audio_encoder", lower_audio, counts["audio_tower"][0], 0, 0, PartitionSpec(), param_shards=1)
+        report["steps"]["audio_encoder"].update(audio_seconds=FLAGS.audio_seconds, grid_windows=windows)
 
     print(json.dumps(report, indent=1))
     return report

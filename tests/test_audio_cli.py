@@ -1,7 +1,7 @@
 """Speech in through the launchers: `infer.py --audio` / `/audio PATH`, batch lines with `audio`, and bad audio.
 
-The checkpoint is the tiny model plus a tiny audio tower (random weights, written with the real checkpoint
-writer). Every infer.py case runs in one launcher process and every batch.py case in another
+The checkpoints are the tiny model (it has a tiny audio tower) with random weights, written with the real
+checkpoint writer, as it is, without its talker, and without its audio tower. Every infer.py case runs in one launcher process and every batch.py case in another
 (tests/launcher_cases.py). Parity of the audio path itself with transformers is tests/test_pipeline.py's.
 """
 
@@ -37,37 +37,39 @@ def _write_audio(d) -> None:
 Q_ROWS = 7
 
 
-@pytest.fixture(scope="module")
-def audio_ckpt(tmp_path_factory):
-    """The tiny config with a tiny audio tower, random weights, saved as an omni_jax checkpoint."""
+def _save(raw: dict, name: str, tmp_path_factory, roots: set[str]) -> str:
+    """Random weights for config `raw`, saved as an omni_jax checkpoint with the real writer."""
     from omni_jax import checkpoint, parse_config
     from omni_jax.models import registry
 
-    raw = copy.deepcopy(reference.tiny_config_dict())
-    raw["thinker_config"]["audio_config"] = dict(reference.TINY_TOWERS["audio_config"])
     config = parse_config(raw)
     params = registry.random_params(config, np.float32, seed=3)
-    assert "audio_tower" in params
-    out = str(tmp_path_factory.mktemp("audio_ckpt") / "ckpt")
+    assert set(params) == roots
+    out = str(tmp_path_factory.mktemp(name) / "ckpt")
     checkpoint.save_params(params, out, config)
     return out
+
+
+@pytest.fixture(scope="module")
+def audio_ckpt(tmp_path_factory):
+    """The tiny config (it has a tiny audio tower), random weights, as a checkpoint."""
+    return _save(reference.tiny_config_dict(), "audio_ckpt", tmp_path_factory,
+                 {"thinker", "audio_tower", "talker", "code2wav"})
 
 
 @pytest.fixture(scope="module")
 def thinker_only_ckpt(tmp_path_factory):
     """The same model saved as a Thinking / Captioner checkpoint is: enable_audio_output=false, no talker."""
-    from omni_jax import checkpoint, parse_config
-    from omni_jax.models import registry
+    raw = dict(copy.deepcopy(reference.tiny_config_dict()), enable_audio_output=False)
+    return _save(raw, "thinker_only_ckpt", tmp_path_factory, {"thinker", "audio_tower"})
 
+
+@pytest.fixture(scope="module")
+def no_tower_ckpt(tmp_path_factory):
+    """A config without thinker_config.audio_config: no audio tower."""
     raw = copy.deepcopy(reference.tiny_config_dict())
-    raw["thinker_config"]["audio_config"] = dict(reference.TINY_TOWERS["audio_config"])
-    raw["enable_audio_output"] = False
-    config = parse_config(raw)
-    params = registry.random_params(config, np.float32, seed=3)
-    assert set(params) == {"thinker", "audio_tower"}
-    out = str(tmp_path_factory.mktemp("thinker_only_ckpt") / "ckpt")
-    checkpoint.save_params(params, out, config)
-    return out
+    del raw["thinker_config"]["audio_config"]
+    return _save(raw, "no_tower_ckpt", tmp_path_factory, {"thinker", "talker", "code2wav"})
 
 
 def _listing(root) -> set[str]:
@@ -103,11 +105,11 @@ def _launch(work, cases: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def refused_runs(audio_ckpt, thinker_only_ckpt, tmp_path_factory):
+def refused_runs(audio_ckpt, thinker_only_ckpt, no_tower_ckpt, tmp_path_factory):
     """The cases that must stop before the weights load (one process: cheap)."""
     cases = {name: {"args": [f"--checkpoint={audio_ckpt}", *args, "--output=out.wav", "--dump_dir=dump"]}
              for name, (args, _) in BAD.items()}
-    cases["tiny_has_no_tower"] = {"args": ["--audio=q.wav", "--output=out.wav"]}
+    cases["no_tower"] = {"args": [f"--checkpoint={no_tower_ckpt}", "--audio=q.wav", "--output=out.wav"]}
     cases["thinker_only_speech"] = {"args": [f"--checkpoint={thinker_only_ckpt}", "--prompt=hi", "--output=out.wav",
                                              "--dump_dir=dump"]}
     return _launch(tmp_path_factory.mktemp("audio_refused"), cases)
@@ -139,7 +141,7 @@ def test_bad_audio_exits_2_before_loading(refused_runs, case):
 
 
 def test_model_without_audio_tower_refuses_audio(refused_runs):
-    res, cwd, before = refused_runs["tiny_has_no_tower"]
+    res, cwd, before = refused_runs["no_tower"]
     assert res["returncode"] == 2 and "no audio encoder" in res["stderr"], res
     assert _listing(cwd) == before
 

@@ -202,7 +202,7 @@ def test_messages_to_ids_and_features(tmp_path):
     bad parts named; a model without an audio tower refuses audio with a usage error."""
     import soundfile as sf
 
-    from omni_jax.config import load_config, parse_config
+    from omni_jax.config import parse_config
     from omni_jax.processing.tokenizer import load_tokenizer
     from omni_jax.runtime import prompt as prompt_lib
     from tests import reference
@@ -229,5 +229,7 @@ def test_messages_to_ids_and_features(tmp_path):
         prompt_lib.check_fits(config, len(ids), sum(rows), 10, len(ids) - sum(rows) + 10 + 25)
     with pytest.raises(UsageError, match="audio part 0 has no 'audio'"):
         prompt_lib.audio_sources([{"role": "user", "content": [{"type": "audio"}]}])
+    raw = reference.tiny_config_dict()
+    del raw["thinker_config"]["audio_config"]
     with pytest.raises(UsageError, match="no audio encoder"):
-        prompt_lib.encode_messages(tok, load_config("tiny"), messages)
+        prompt_lib.encode_messages(tok, parse_config(raw), messages)

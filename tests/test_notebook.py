@@ -45,3 +45,9 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert audio and "<audio" in audio[0]["data"]["text/html"]
     plot = [o for o in _tagged(nb, "plot").outputs if o.output_type in ("execute_result", "display_data")]
     assert any("image/png" in o["data"] for o in plot)
+    # speech in -> speech out: both clips are shown as players, and the prompt carried 1.5 s of audio tokens
+    speech = _tagged(nb, "speech_in").outputs
+    players = [o for o in speech if o.output_type == "display_data" and "<audio" in o["data"].get("text/html", "")]
+    assert len(players) == 2
+    printed = "".join(o.get("text", "") for o in speech if o.output_type == "stream")
+    assert "audio tokens in the prompt: 20 " in printed  # 150 mel frames: 13 + ceil(50 / 8)

@@ -87,6 +87,9 @@ def stream_to_outputs(stream, output: str | None, sample_rate: int,
         "chunk_rtf_max": float(np.max(rtfs)) if rtfs else None,
         "tokens": len(res.token_ids) if res else None, "frames": int(res.codes.shape[1]) if res else None,
         "waits": stream.stats.waits,
+        # the time-to-first-audio breakdown (seconds since the stream started; the front end ran before it)
+        "breakdown": {k: res.timings.get(k) for k in ("front_end_s", "audio_encoder_s", "time_to_first_token_s",
+                                                      "time_to_first_frame_s", "time_to_first_audio_s")} if res else {},
     }
     text_out.write("\n")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -95,5 +98,11 @@ def stream_to_outputs(stream, output: str | None, sample_rate: int,
         f"{report['audio_s']:.2f} s audio in {stream.stats.audio_chunks} chunks of {stream.chunk_frames} frames, "
         f"per-chunk RTF median {fmt(report['chunk_rtf_median'])} max {fmt(report['chunk_rtf_max'])} "
         f"(first chunk excluded), talker waited {stream.stats.waits}x]\n")
+    b = report["breakdown"]
+    if b:
+        text_out.write(f"[first audio: front end {fmt(b['front_end_s'])} s, then at audio encoder "
+                       f"{fmt(b['audio_encoder_s'])} / thinker first token {fmt(b['time_to_first_token_s'])} / talker "
+                       f"first frame {fmt(b['time_to_first_frame_s'])} / first vocoder chunk "
+                       f"{fmt(b['time_to_first_audio_s'])} s]\n")
     text_out.flush()
     return report

@@ -164,6 +164,7 @@ class SpeechStream:
             raise UsageError("this checkpoint has no talker/code2wav weights; streaming speech needs them")
         if isinstance(prompt_or_request, str):
             prompt_or_request = Request(prompt=prompt_or_request)
+        t_front = time.perf_counter()
         if isinstance(prompt_or_request, Request):
             if audio is not None:
                 raise UsageError("audio= goes with exact prompt ids; a Request carries its audio in content parts")
@@ -172,6 +173,7 @@ class SpeechStream:
         else:
             self.prompt_ids = [int(t) for t in prompt_or_request]
         self.audio = list(audio or [])
+        self.front_end_s = time.perf_counter() - t_front  # template + reading and featurizing the audio
         self.speaker = speaker or "ethan"
         pipe.config.talker.speaker(self.speaker)  # unknown speaker -> ValueError listing the known ones
         if talker_max_new_tokens < 1:
@@ -207,6 +209,7 @@ class SpeechStream:
         tokens: list[int] = []
         token_dev: list[jax.Array] = []  # device [1] arrays of each token (column inputs, never read back)
 
+        timings["front_end_s"] = self.front_end_s  # before t0: the stream's clock starts at the encoder
         mm_rows = pipe.encode_audio([self.prompt_ids], [self.audio], self.max_new_tokens)
         if mm_rows is not None:
             timings["audio_encoder_s"] = now()
@@ -271,6 +274,7 @@ class SpeechStream:
                         if not valid:  # cannot happen: we stop at codec EOS before stepping again
                             raise RuntimeError("talker produced a frame after codec EOS")
                         frames += 1
+                        timings.setdefault("time_to_first_frame_s", now())
                         stats.talker_frames += 1
                         stats.frames_after_thinker_done += int(thinker_done)
                         log.append(("frame", s))

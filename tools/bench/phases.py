@@ -28,6 +28,10 @@ DEFINITIONS = {
     "bandwidth": "median copy rate of a copy_mib float32 array counting read + write bytes: numpy np.copyto and a "
                  "jitted jax scale (donated off-CPU); the roofline uses the larger; 'read_only' is a jitted jax sum",
     "matmul": "median rate of an n x n float32 jax matmul (2 n^3 FLOPs); torch for reference",
+    "audio_encoder": "audio_seconds of random log-mel features, batch 1, the real encoder width (--audio_config); "
+                     "ours AudioEncoderSteps.encode, theirs Qwen3OmniMoeAudioEncoder forward on the same weights; "
+                     "ratio = theirs s / ours s; roofline = matmul FLOPs (convs, layers, windowed attention) / "
+                     "matmul FLOP/s",
     "decode_bytes": "weights one step reads: embedding rows + per layer (q/k/v/o + norms + router + the experts "
                     "routed at that step, union over the batch rows) + final norm + head; routed counts from "
                     "transformers' routers (hooks) on the actual generated sequences, else top-k exact at batch 1 "
@@ -384,5 +388,80 @@ def phase_e2e(ctx: Ctx) -> dict:
     return res
 
 
+def _encoder_flops(cfg, frames: int) -> float:
+    """Matmul FLOPs of the AuT encoder on one clip: convs, per-token layers, windowed attention, projection."""
+    chunks, rest = divmod(frames, cfg.chunk_frames)
+    h = cfg.downsample_hidden_size
+    conv = 0.0
+    for n in [cfg.chunk_frames] * chunks + ([rest] if rest else []):
+        mel, t = cfg.num_mel_bins, n
+        for i in range(3):
+            mel, t = (mel + 1) // 2, (t + 1) // 2
+            conv += 2 * 9 * (1 if i == 0 else h) * h * mel * t
+    from omni_jax.models.audio_encoder import rows_for_frames
+
+    rows = rows_for_frames(frames, cfg.chunk_frames)
+    d, f = cfg.d_model, cfg.encoder_ffn_dim
+    window = cfg.chunks_per_window * 13
+    per_token = cfg.encoder_layers * (2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * window * d)
+    proj = 2 * (h * ((cfg.num_mel_bins + 7) // 8) * d + d * d + d * cfg.output_dim)
+    return conv + rows * (per_token + proj)
+
+
+def phase_audio_encoder(ctx: Ctx) -> dict:
+    """The AuT audio encoder at the config's own audio width (the real one: 32 layers x 1280) on --audio_seconds of
+    random log-mel features, batch 1: ours AudioEncoderSteps.encode, theirs Qwen3OmniMoeAudioEncoder forward, the
+    same random weights (transformers' module perturbed, converted with our rules)."""
+    import numpy as np
+
+    from omni_jax.checkpoint.convert import convert_tensors
+    from omni_jax.models import audio_encoder as ae
+    from omni_jax.runtime.audio_encoder import AudioEncoderSteps
+
+    cfg = ctx.audio_cfg
+    frames = int(ctx.audio_seconds * 100)
+    feats = [np.random.default_rng(ctx.seed).standard_normal((cfg.num_mel_bins, frames)).astype(np.float32)]
+    import torch
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeAudioEncoderConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
+
+    torch.manual_seed(ctx.seed)
+    hf = Qwen3OmniMoeAudioEncoder(Qwen3OmniMoeAudioEncoderConfig(**ctx.audio_hf_dict)).float().eval()
+    steps = AudioEncoderSteps(cfg, ctx.pipe.dtype)
+    import jax
+
+    module, args = ae.AudioEncoder(cfg, steps.dtype, steps.dtype), None
+    per = cfg.chunks_per_window
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, per, cfg.num_mel_bins,
+                                                                                   cfg.chunk_frames), np.float32),
+                                                  np.ones((1, per), np.int32), np.ones((1, per), np.int32)))
+    tensors = ((f"thinker.audio_tower.{k}", v.numpy()) for k, v in hf.state_dict().items()
+               if "positional_embedding" not in k)
+    params = convert_tensors(tensors, {"audio_tower": abstract["params"]}, ae.hf_rules(None))["audio_tower"]
+    params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, steps.dtype), params)
+    if ctx.hf is None:
+        del hf
+        hf = None
+    x, lens = torch.tensor(feats[0]), torch.tensor([frames])
+
+    def ours():
+        jax.block_until_ready(steps.encode(params, feats))
+
+    def theirs():
+        with torch.inference_mode():
+            hf(input_features=x, feature_lens=lens)
+
+    res: dict = {"audio_seconds": ctx.audio_seconds, "layers": cfg.encoder_layers, "d_model": cfg.d_model,
+                 "rows": ae.rows_for_frames(frames, cfg.chunk_frames)}
+    ro, rt = run_pair(ctx, ours, None if hf is None else theirs, res)
+    res["ours_s"], res["theirs_s"] = med(ro), med(rt)
+    res["ratio"] = div(res["theirs_s"], res["ours_s"])
+    res["flops"] = _encoder_flops(cfg, frames)
+    if ctx.machine and res["ours_s"]:
+        res["ours_roofline_pct"] = 100 * res["flops"] / res["ours_s"] / ctx.machine["matmul_flops_per_s"]
+        res["roofline_s"] = res["flops"] / ctx.machine["matmul_flops_per_s"]
+    return res
+
+
 PHASE_FNS = {"prefill": phase_prefill, "decode": phase_decode, "talker": phase_talker,
-             "code2wav": phase_code2wav, "e2e": phase_e2e}
+             "code2wav": phase_code2wav, "e2e": phase_e2e, "audio_encoder": phase_audio_encoder}

@@ -36,6 +36,10 @@ def table_rows(phases: dict) -> list[tuple]:
     if c:
         rows.append(("code2wav RTF", c["ours_rtf"], c["theirs_rtf"], c["ratio"], c.get("ours_roofline_pct"),
                      c.get("roofline_rtf")))
+    a = phases.get("audio_encoder")
+    if a:
+        rows.append((f"audio encoder {a['audio_seconds']:g} s (s)", a["ours_s"], a["theirs_s"], a["ratio"],
+                     a.get("ours_roofline_pct"), a.get("roofline_s")))
     e = phases.get("e2e")
     if e:
         rows.append(("e2e first audio s", e["ours_time_to_first_audio_s"], e["theirs_time_to_first_audio_s"],
