@@ -117,18 +117,24 @@ def refused_runs(audio_ckpt, thinker_only_ckpt, no_tower_ckpt, tmp_path_factory)
 
 @pytest.fixture(scope="module")
 def infer_runs(audio_ckpt, thinker_only_ckpt, tmp_path_factory):
-    """The runs that answer (one process)."""
-    cases = {
+    """The runs that answer, two per launcher process (four in one took 50 s on a loaded CI machine)."""
+    runs = _launch(tmp_path_factory.mktemp("audio_infer"), {
         "spoken": {"args": [f"--checkpoint={audio_ckpt}", "--audio=q.wav", "--audio=q.wav", "--prompt=and?",
                             "--output=out.wav", "--dump_dir=dump", "--greedy", *BUDGET]},
         "audio_only": {"args": [f"--checkpoint={audio_ckpt}", "--audio=q.wav", "--output=", "--dump_dir=dump",
                                 "--greedy", "--text_only", *BUDGET]},
+    })
+    return runs
+
+
+@pytest.fixture(scope="module")
+def chat_runs(audio_ckpt, thinker_only_ckpt, tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("audio_chat"), {
         "chat": {"args": [f"--checkpoint={audio_ckpt}", "--interactive", "--greedy", "--text_only",
                           "--dump_dir=dump", *BUDGET], "stdin": "/audio q.wav\n/audio nope.wav\nwhat was that?\n"},
         "thinker_only_text": {"args": [f"--checkpoint={thinker_only_ckpt}", "--audio=q.wav", "--text_only",
                                        "--greedy", "--dump_dir=dump", *BUDGET]},
-    }
-    return _launch(tmp_path_factory.mktemp("audio_infer"), cases)
+    })
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -173,10 +179,10 @@ def test_audio_without_prompt_text(infer_runs):
     assert not list(cwd.glob("out.wav"))
 
 
-def test_interactive_audio_turns(infer_runs):
+def test_interactive_audio_turns(chat_runs):
     """`/audio PATH` is a spoken turn; a bad file is reported and the session goes on; the next text turn's prompt
     re-renders the spoken turn (its pads included)."""
-    res, cwd, _ = infer_runs["chat"]
+    res, cwd, _ = chat_runs["chat"]
     assert res["returncode"] == 0, res
     assert "audio file nope.wav does not exist" in res["stdout"]
     t1 = json.loads((cwd / "dump" / "turn_1" / "tokens.json").read_text())
@@ -216,12 +222,12 @@ def test_batch_lines_with_audio(audio_ckpt, tmp_path):
     assert recs["c"]["prompt_tokens"] > Q_ROWS
 
 
-def test_thinker_only_checkpoint_refuses_speech_and_answers_text(refused_runs, infer_runs):
+def test_thinker_only_checkpoint_refuses_speech_and_answers_text(refused_runs, chat_runs):
     res, cwd, before = refused_runs["thinker_only_speech"]
     assert res["returncode"] == 2 and "has no talker" in res["stderr"] and "--text_only" in res["stderr"], res
     assert res["stderr"].count("error: ") == 1 and "Traceback" not in res["stderr"]
     assert _listing(cwd) == before
-    res, cwd, _ = infer_runs["thinker_only_text"]
+    res, cwd, _ = chat_runs["thinker_only_text"]
     assert res["returncode"] == 0, res
     doc = json.loads((cwd / "dump" / "tokens.json").read_text())
     assert doc["prompt_ids"].count(151675) == Q_ROWS and len(doc["generated_ids"]) == 3

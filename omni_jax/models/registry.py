@@ -137,7 +137,10 @@ def random_params(config: OmniConfig, dtype: Any, seed: int = 0, roots: Iterable
         return jnp.asarray(value, dtype)
 
     abstract = abstract_params(config, dtype, roots)  # (a tree_map result: keys sorted, so draw in table order)
-    return {r: jax.tree_util.tree_map_with_path(draw, abstract[r]) for r in _roots(config, roots)}
+    # Optional components draw last: a config that gains one (the audio tower) keeps the others' weights.
+    order = sorted(_roots(config, roots), key=lambda r: get(r).optional)
+    drawn = {r: jax.tree_util.tree_map_with_path(draw, abstract[r]) for r in order}
+    return {r: drawn[r] for r in _roots(config, roots)}
 
 
 def hf_rules(config: OmniConfig, roots: Iterable[str] | None = None) -> list[Rule]:
