@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ def encoder_case(request):
     rules = ae.hf_rules(None)
     tensors = [(f"thinker.audio_tower.{k}", v.numpy()) for k, v in hf.state_dict().items()
                if "positional_embedding" not in k]
-    params = convert_tensors(tensors, {"audio_tower": abstract["params"]}, rules)["audio_tower"]
+    params = convert_tensors(tensors, {"audio_tower": nn.unbox(abstract["params"])}, rules)["audio_tower"]
     return hf, cfg, model, params, calls
 
 

@@ -56,6 +56,20 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
 
 
+def _dense(n: int, name: str, axes: tuple[str, str], dtype, param_dtype, use_bias: bool = True) -> nn.Dense:
+    """A Dense whose params carry logical axes (the rules table replicates them: "audio_*" -> None)."""
+    return nn.Dense(n, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]))
+
+
+def _layer_norm(name: str, param_dtype) -> nn.LayerNorm:
+    axes = ("audio_embed",)
+    return nn.LayerNorm(1e-5, dtype=jnp.float32, param_dtype=param_dtype, name=name,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), axes),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes))
+
+
 class EncoderLayer(nn.Module):
     cfg: AudioEncoderConfig
     dtype: Any = jnp.float32
@@ -65,8 +79,9 @@ class EncoderLayer(nn.Module):
     def __call__(self, x, key_mask):
         """x [W, S, D]; key_mask [W, S] bool (valid rows)."""
         c = self.cfg
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        norm = lambda name: nn.LayerNorm(1e-5, dtype=jnp.float32, param_dtype=self.param_dtype, name=name)  # noqa
+        e, m = "audio_embed", "audio_mlp"
+        dense = lambda n, name, axes=(e, e): _dense(n, name, axes, self.dtype, self.param_dtype)  # noqa: E731
+        norm = lambda name: _layer_norm(name, self.param_dtype)  # noqa: E731
         w, s, d = x.shape
         h = norm("self_attn_layer_norm")(x).astype(self.dtype)
         split = lambda t: t.reshape(w, s, c.encoder_attention_heads, c.head_dim)  # noqa: E731
@@ -77,7 +92,7 @@ class EncoderLayer(nn.Module):
         attn = jnp.einsum("whqk,wkhd->wqhd", probs, v).reshape(w, s, d)
         x = x + dense(d, "out_proj")(attn).astype(x.dtype)
         h = norm("final_layer_norm")(x).astype(self.dtype)
-        h = dense(d, "fc2")(nn.gelu(dense(c.encoder_ffn_dim, "fc1")(h), approximate=False))
+        h = dense(d, "fc2", (m, e))(nn.gelu(dense(c.encoder_ffn_dim, "fc1", (e, m))(h), approximate=False))
         return x + h.astype(x.dtype)
 
 
@@ -96,24 +111,28 @@ class AudioEncoder(nn.Module):
         x = mel.reshape(wn * p, m, f)[..., None].astype(self.dtype)  # NHWC: (mel, time, 1)
         limit = pad_to.reshape(-1)
         for i in (1, 2, 3):
+            conv = ("audio_conv",) * 4
             x = nn.Conv(c.downsample_hidden_size, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv2d{i}")(x)
+                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv2d{i}",
+                        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), conv),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), conv[-1:]))(x)
             x = nn.gelu(x, approximate=False)
             limit = conv_length(limit)
             keep = jnp.arange(x.shape[2])[None, :] < limit[:, None]  # transformers' tensor ends at `limit`
             x = jnp.where(keep[:, None, :, None], x, 0)
         n, fm, t, ch = x.shape
         x = x.transpose(0, 2, 3, 1).reshape(n, t, ch * fm)  # (channel, mel) flattened channel-major
-        x = nn.Dense(c.d_model, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv_out")(x)
+        x = _dense(c.d_model, "conv_out", ("audio_conv", "audio_embed"), self.dtype, self.param_dtype,
+                   use_bias=False)(x)
         x = x.astype(jnp.float32) + jnp.asarray(sinusoids(t, c.d_model))[None]
         valid = jnp.arange(t)[None, :] < chunk_rows(lengths.reshape(-1))[:, None]  # empty slots: 0 rows
         x, valid = x.reshape(wn, p * t, c.d_model), valid.reshape(wn, p * t)
         for i in range(c.encoder_layers):
             x = EncoderLayer(c, self.dtype, self.param_dtype, name=f"layers_{i}")(x, valid)
-        x = nn.LayerNorm(1e-5, dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_post")(x).astype(self.dtype)
-        x = nn.Dense(c.d_model, dtype=self.dtype, param_dtype=self.param_dtype, name="proj1")(x)
-        x = nn.Dense(c.output_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="proj2")(nn.gelu(x, approximate=False))
+        x = _layer_norm("ln_post", self.param_dtype)(x).astype(self.dtype)
+        x = _dense(c.d_model, "proj1", ("audio_embed", "audio_embed"), self.dtype, self.param_dtype)(x)
+        x = _dense(c.output_dim, "proj2", ("audio_embed", "embed"), self.dtype,
+                   self.param_dtype)(nn.gelu(x, approximate=False))
         return x.astype(jnp.float32), valid
 
 

@@ -55,6 +55,10 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("conv_out", None),
     ("kernel", None),
     ("channels", None),
+    # The audio encoder runs replicated, one request's clips per call (omni_jax.runtime.audio_encoder).
+    ("audio_embed", None),
+    ("audio_mlp", None),
+    ("audio_conv", None),
 )
 
 # Logical axes of a flattened token stream [tokens, hidden] (the MoE's input): tokens follow the batch.

@@ -430,14 +430,16 @@ def phase_audio_encoder(ctx: Ctx) -> dict:
     steps = AudioEncoderSteps(cfg, ctx.pipe.dtype)
     import jax
 
-    module, args = ae.AudioEncoder(cfg, steps.dtype, steps.dtype), None
+    module = ae.AudioEncoder(cfg, steps.dtype, steps.dtype)
     per = cfg.chunks_per_window
     abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, per, cfg.num_mel_bins,
                                                                                    cfg.chunk_frames), np.float32),
                                                   np.ones((1, per), np.int32), np.ones((1, per), np.int32)))
     tensors = ((f"thinker.audio_tower.{k}", v.numpy()) for k, v in hf.state_dict().items()
                if "positional_embedding" not in k)
-    params = convert_tensors(tensors, {"audio_tower": abstract["params"]}, ae.hf_rules(None))["audio_tower"]
+    import flax.linen as nn
+
+    params = convert_tensors(tensors, {"audio_tower": nn.unbox(abstract["params"])}, ae.hf_rules(None))["audio_tower"]
     params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, steps.dtype), params)
     if ctx.hf is None:
         del hf
