@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -179,14 +180,16 @@ def _run():
         _check_speech(config)
         config.talker.speaker(FLAGS.speaker)  # unknown speaker -> UsageError listing the known ones
     mesh = shared.make_mesh_flag(FLAGS.mesh, config)
-    prompt, audio = None, []
+    prompt, audio, front_end_s = None, [], 0.0
     if not FLAGS.interactive:
+        t0 = time.perf_counter()
         prompt, audio = _prompt(load_tokenizer(FLAGS.checkpoint), config, text)
+        front_end_s = time.perf_counter() - t0  # template + reading and featurizing the audio
         _check_fits(config, len(prompt), audio)
     pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=dtype, max_len=FLAGS.max_len, mesh=mesh,
                              prefill_chunk=FLAGS.prefill_chunk)
     if FLAGS.stream:
-        return _stream(pipe, samplings, prompt, audio)
+        return _stream(pipe, samplings, prompt, audio, front_end_s)
     primary = is_primary()  # every process computes; only process 0 prints and writes
     say = print if primary else (lambda *a, **k: None)
     if pipe.random_weights:
@@ -292,7 +295,7 @@ def _chat(pipe, samplings, say, primary: bool) -> None:
             _report(pipe, res, wav, dump, label=f"turn {turn}: ", extra={"messages": messages})
 
 
-def _stream(pipe, samplings, prompt: list[int], audio) -> None:
+def _stream(pipe, samplings, prompt: list[int], audio, front_end_s: float) -> None:
     """--stream: text deltas and progressive audio (omni_jax.cli.output; latencies printed at the end)."""
     from omni_jax.cli.output import stream_to_outputs
 
@@ -304,6 +307,7 @@ def _stream(pipe, samplings, prompt: list[int], audio) -> None:
     stream = pipe.stream(prompt, speaker=FLAGS.speaker, max_new_tokens=FLAGS.max_new_tokens,
                          talker_max_new_tokens=FLAGS.talker_max_new_tokens, sampling=text, talker_sampling=talker,
                          seed=FLAGS.seed, chunk_frames=FLAGS.stream_chunk, audio=list(audio))
+    stream.front_end_s = front_end_s  # the features were made before the weights loaded
     stream_to_outputs(stream, FLAGS.output or None, pipe.sample_rate, text_out=log)
     if FLAGS.output and FLAGS.output != "-":
         print(f"wrote {FLAGS.output}", file=log)
