@@ -218,7 +218,7 @@ def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only:
     sampling = _check_sampling(n, obj)
     max_new = sampling.get("max_new_tokens", FLAGS.max_new_tokens)
     prompt, messages = _messages_of(n, obj)
-    if messages is not None and isinstance(messages, list):
+    if isinstance(messages, list):
         messages = _resolve_audio(messages, base_dir)
     req = Request(prompt=prompt, messages=messages, system=obj.get("system"),
                   speaker=speaker if isinstance(speaker, str) else FLAGS.speaker)
@@ -230,8 +230,7 @@ def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only:
 
             ids, feats = prompt_lib.encode_messages(tokenizer, config, messages)
             if max_len is not None:
-                prompt_lib.check_fits(config, len(ids), sum(prompt_lib.audio_rows(config, feats)), max_new, max_len,
-                                      "the prompt")
+                prompt_lib.check_fits(config, len(ids), feats, max_new, max_len, "the prompt")
     except (ValueError, TypeError, AttributeError) as e:
         if isinstance(e, BadLine):
             raise
@@ -300,9 +299,8 @@ def main(argv):
     from omni_jax.processing.tokenizer import load_tokenizer
 
     config = _job_config()
-    if not FLAGS.text_only and not config.enable_audio_output:
-        raise UsageError(f"checkpoint {FLAGS.checkpoint} has no talker (a thinker-only model, saved with "
-                         "enable_audio_output=false): it answers in text only; pass --text_only")
+    if not FLAGS.text_only:
+        checks.check_speech(config, FLAGS.checkpoint)
     speakers = sorted(name.lower() for name, _ in config.talker.speaker_id)
     if not FLAGS.text_only and FLAGS.speaker.lower() not in speakers:
         raise app.UsageError(f"--speaker {FLAGS.speaker!r} is unknown; known: {', '.join(speakers)}")

@@ -123,31 +123,17 @@ def _prompt(tokenizer, config, text: str | None) -> tuple[list[int], list]:
 
 
 def _prompt_ids(vocab_size: int) -> list[int]:
-    if FLAGS.input_ids is not None:
-        try:
-            ids = [int(t) for t in FLAGS.input_ids.split(",") if t.strip()]
-        except ValueError as e:
-            raise UsageError(f"--input_ids must be comma-separated integers: {e}") from None
-        if not ids:
-            raise UsageError("--input_ids is empty; give at least one token id")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise UsageError(f"--input_ids has ids outside [0, {vocab_size}): {bad[:5]}")
-        return ids
-    raise AssertionError("no --input_ids")
-
-
-def _check_fits(config, n_prompt: int, audio) -> None:
-    from omni_jax.runtime import prompt as prompt_lib
-
-    prompt_lib.check_fits(config, n_prompt, sum(prompt_lib.audio_rows(config, audio)) if audio else 0,
-                          FLAGS.max_new_tokens, FLAGS.max_len)
-
-
-def _check_speech(config) -> None:
-    if not config.enable_audio_output:
-        raise UsageError(f"checkpoint {FLAGS.checkpoint} has no talker (a thinker-only model, saved with "
-                         "enable_audio_output=false): it answers in text only; pass --text_only")
+    """The --input_ids, checked."""
+    try:
+        ids = [int(t) for t in FLAGS.input_ids.split(",") if t.strip()]
+    except ValueError as e:
+        raise UsageError(f"--input_ids must be comma-separated integers: {e}") from None
+    if not ids:
+        raise UsageError("--input_ids is empty; give at least one token id")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise UsageError(f"--input_ids has ids outside [0, {vocab_size}): {bad[:5]}")
+    return ids
 
 
 def _system_messages() -> list[dict]:
@@ -177,7 +163,7 @@ def _run():
     dtype = shared.parse_dtype_flag(FLAGS.dtype)
     config = load_config(FLAGS.checkpoint or DEFAULT_CONFIG)
     if not FLAGS.text_only:
-        _check_speech(config)
+        checks.check_speech(config, FLAGS.checkpoint)
         config.talker.speaker(FLAGS.speaker)  # unknown speaker -> UsageError listing the known ones
     mesh = shared.make_mesh_flag(FLAGS.mesh, config)
     prompt, audio, front_end_s = None, [], 0.0
@@ -185,7 +171,9 @@ def _run():
         t0 = time.perf_counter()
         prompt, audio = _prompt(load_tokenizer(FLAGS.checkpoint), config, text)
         front_end_s = time.perf_counter() - t0  # template + reading and featurizing the audio
-        _check_fits(config, len(prompt), audio)
+        from omni_jax.runtime import prompt as prompt_lib
+
+        prompt_lib.check_fits(config, len(prompt), audio, FLAGS.max_new_tokens, FLAGS.max_len)
     pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=dtype, max_len=FLAGS.max_len, mesh=mesh,
                              prefill_chunk=FLAGS.prefill_chunk)
     if FLAGS.stream:

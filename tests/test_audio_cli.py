@@ -116,15 +116,14 @@ def refused_runs(audio_ckpt, thinker_only_ckpt, no_tower_ckpt, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def infer_runs(audio_ckpt, thinker_only_ckpt, tmp_path_factory):
+def infer_runs(audio_ckpt, tmp_path_factory):
     """The runs that answer, two per launcher process (four in one took 50 s on a loaded CI machine)."""
-    runs = _launch(tmp_path_factory.mktemp("audio_infer"), {
+    return _launch(tmp_path_factory.mktemp("audio_infer"), {
         "spoken": {"args": [f"--checkpoint={audio_ckpt}", "--audio=q.wav", "--audio=q.wav", "--prompt=and?",
                             "--output=out.wav", "--dump_dir=dump", "--greedy", *BUDGET]},
         "audio_only": {"args": [f"--checkpoint={audio_ckpt}", "--audio=q.wav", "--output=", "--dump_dir=dump",
                                 "--greedy", "--text_only", *BUDGET]},
     })
-    return runs
 
 
 @pytest.fixture(scope="module")

@@ -227,7 +227,7 @@ def test_messages_to_ids_and_features(tmp_path):
     assert ids == audio.expand_audio_pads(tok.apply_chat_template(messages), pad, rows)
     assert prompt_lib.audio_tokens_per_second(config) == 13
     with pytest.raises(UsageError, match=r"26 of them are audio \(13 tokens per second\), so about 1 s of audio fit"):
-        prompt_lib.check_fits(config, len(ids), sum(rows), 10, len(ids) - sum(rows) + 10 + 25)
+        prompt_lib.check_fits(config, len(ids), feats, 10, len(ids) - sum(rows) + 10 + 25)
     with pytest.raises(UsageError, match="audio part 0 has no 'audio'"):
         prompt_lib.audio_sources([{"role": "user", "content": [{"type": "audio"}]}])
     raw = reference.tiny_config_dict()

@@ -112,7 +112,7 @@ def test_pipeline_under_mesh_matches_transformers(mesh_reference, spec):
 def test_spoken_questions_under_tp4ep8_match_transformers(mesh_reference):
     """Audio in under the production mesh (expert-parallel thinker and talker; the audio encoder replicated): two
     rows with different audio lengths, each equal to transformers' generate with input_features."""
-    from tests.test_pipeline import _audio_prompt, _clip
+    from tests.test_pipeline import _audio_prompt, _clip, hf_audio_inputs
     from omni_jax.models.audio_encoder import rows_for_frames
     from omni_jax.processing import audio as audio_lib
 
@@ -129,13 +129,7 @@ def test_spoken_questions_under_tp4ep8_match_transformers(mesh_reference):
     report, got = _run_mesh(ckpt, work, audio_job, "tp4ep8", tag="_audio")
     run = report["runs"]["tp4ep8"]
     for r, (prompt, speaker) in enumerate(zip(prompts, SPEAKERS)):
-        row = [feats[f"feat_{r}_{c}"] for c in range(len(clips[r]))]
-        frames = [f.shape[1] for f in row]
-        padded = np.zeros((len(row), n_mels, max(frames)), np.float32)
-        mask = np.zeros((len(row), max(frames)), np.int64)
-        for i, f in enumerate(row):
-            padded[i, :, : f.shape[1]], mask[i, : f.shape[1]] = f, 1
-        extra = dict(input_features=torch.tensor(padded), feature_attention_mask=torch.tensor(mask))
+        extra = hf_audio_inputs([feats[f"feat_{r}_{c}"] for c in range(len(clips[r]))])
         tokens, codes, wav = reference.hf_generate(hf, prompt, speaker, THINKER_NEW, TALKER_NEW,
                                                    SPECIAL["im_end_token_id"], **extra)
         with torch.no_grad():

@@ -180,6 +180,17 @@ def _clip(rng, frames: int) -> np.ndarray:
             + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
 
 
+def hf_audio_inputs(feats: list[np.ndarray]) -> dict:
+    """transformers' audio arguments for one row's clips: input_features [clips, mels, longest] zero-padded and
+    feature_attention_mask [clips, longest]."""
+    frames = [f.shape[1] for f in feats]
+    padded = np.zeros((len(feats), feats[0].shape[0], max(frames)), np.float32)
+    mask = np.zeros((len(feats), max(frames)), np.int64)
+    for i, f in enumerate(feats):
+        padded[i, :, : f.shape[1]], mask[i, : f.shape[1]] = f, 1
+    return dict(input_features=torch.tensor(padded), feature_attention_mask=torch.tensor(mask))
+
+
 @pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
 def test_spoken_questions_match_hf(cases):
     """Audio in, speech out: greedy tokens, codes and waveform equal transformers' generate with input_features /
@@ -197,17 +208,12 @@ def test_spoken_questions_match_hf(cases):
                                eos_ids=[SPECIAL["im_end_token_id"]])
     for row, (prompt, speaker) in enumerate(zip(prompts, speakers)):
         frames = [f.shape[1] for f in feats[row]]
-        padded = np.zeros((len(frames), cfg.num_mel_bins, max(frames)), np.float32)
-        mask = np.zeros((len(frames), max(frames)), np.int64)
-        for i, f in enumerate(feats[row]):
-            padded[i, :, : f.shape[1]], mask[i, : f.shape[1]] = f, 1
+        extra = hf_audio_inputs(feats[row])
         hf_tokens, hf_codes, hf_wav = reference.hf_generate(
-            c.hf, prompt, speaker, c.thinker_new, c.talker_new, SPECIAL["im_end_token_id"],
-            input_features=torch.tensor(padded), feature_attention_mask=torch.tensor(mask))
+            c.hf, prompt, speaker, c.thinker_new, c.talker_new, SPECIAL["im_end_token_id"], **extra)
         res = ours[row]
         with torch.no_grad():  # the thinker's prompt logits with the audio merged in, at the last prompt position
-            hf_logits = c.hf.thinker(input_ids=torch.tensor([prompt]), input_features=torch.tensor(padded),
-                                     feature_attention_mask=torch.tensor(mask)).logits[0, -1].numpy()
+            hf_logits = c.hf.thinker(input_ids=torch.tensor([prompt]), **extra).logits[0, -1].numpy()
         assert _rel_l2(res.prompt_logits, hf_logits) <= 1e-5
         err = _centered_rel_l2(res.wav, hf_wav)
         print(f"audio row {row} ({frames} frames): tokens {res.token_ids} codes {res.codes.shape} centered rel L2 "
@@ -243,10 +249,7 @@ def test_thinker_only_checkpoint_matches_hf(tmp_path_factory):
     ours = pipe.generate_ids(prompts, text_only=True, max_new_tokens=6, audio=[[], feats],
                              eos_ids=[SPECIAL["im_end_token_id"]])
     for row, prompt in enumerate(prompts):
-        extra = {}
-        if row == 1:
-            extra = dict(input_features=torch.tensor(feats[0][None]),
-                         feature_attention_mask=torch.ones((1, feats[0].shape[1]), dtype=torch.long))
+        extra = hf_audio_inputs(feats) if row == 1 else {}
         with torch.no_grad():
             seq = hf.generate(input_ids=torch.tensor([prompt]), return_audio=False, thinker_do_sample=False,
                               thinker_max_new_tokens=6, thinker_eos_token_id=SPECIAL["im_end_token_id"], **extra)

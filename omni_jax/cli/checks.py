@@ -60,3 +60,10 @@ def check_output_dir(path: str, flag: str) -> None:
     while not os.path.exists(parent):  # os.makedirs creates the missing levels under the nearest existing one
         parent = os.path.dirname(parent)
     _check_writable_dir(parent, flag, path)
+
+
+def check_speech(config, checkpoint: str | None) -> None:
+    """UsageError for a speech request on a thinker-only checkpoint (Thinking, Captioner: no talker)."""
+    if not config.enable_audio_output:
+        raise UsageError(f"checkpoint {checkpoint} has no talker (a thinker-only model, saved with "
+                         "enable_audio_output=false): it answers in text only; pass --text_only")

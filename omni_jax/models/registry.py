@@ -136,11 +136,12 @@ def random_params(config: OmniConfig, dtype: Any, seed: int = 0, roots: Iterable
             value = rng.normal(0.0, 0.02, leaf.shape).astype(np.float32)
         return jnp.asarray(value, dtype)
 
+    roots = _roots(config, roots)
     abstract = abstract_params(config, dtype, roots)  # (a tree_map result: keys sorted, so draw in table order)
     # Optional components draw last: a config that gains one (the audio tower) keeps the others' weights.
-    order = sorted(_roots(config, roots), key=lambda r: get(r).optional)
+    order = sorted(roots, key=lambda r: get(r).optional)
     drawn = {r: jax.tree_util.tree_map_with_path(draw, abstract[r]) for r in order}
-    return {r: drawn[r] for r in _roots(config, roots)}
+    return {r: drawn[r] for r in roots}
 
 
 def hf_rules(config: OmniConfig, roots: Iterable[str] | None = None) -> list[Rule]:

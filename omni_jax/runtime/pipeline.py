@@ -102,9 +102,10 @@ class OmniPipeline:
         """(prompt ids, log-mel features [mels, frames] of each audio clip in order): the clips are read, checked
         and resampled here, so bad audio fails before anything runs."""
         request = Request(prompt=request) if isinstance(request, str) else request
-        if self.audio is None and prompt_lib.audio_sources(request.to_messages()):
+        messages = request.to_messages()
+        if self.audio is None and prompt_lib.audio_sources(messages):
             raise UsageError("the request has audio, but this checkpoint has no audio encoder (thinker.audio_tower)")
-        return prompt_lib.encode_messages(self.tokenizer, self.config, request.to_messages())
+        return prompt_lib.encode_messages(self.tokenizer, self.config, messages)
 
     def generate(self, requests: Sequence[Request | str], *, text_only: bool = False,
                  callback: Callable[[int, int], None] | None = None, **options: Any) -> list[Result]:
@@ -162,14 +163,14 @@ class OmniPipeline:
         out = self.engine.generate(prompts, max_new_tokens, sampling or SamplingParams.greedy(), seed=seed,
                                    callback=callback, collect_hidden=speech, eos_ids=eos, mm_rows=mm_rows)
         t_thinker = time.perf_counter() - t0 - t_audio
-        results = [
-            Result(text=self._decode(toks, eos), reasoning=self._reasoning(toks, eos),
-                   prompt_ids=prompts[b], token_ids=list(toks), finish_reason=out.finish_reasons[b],
-                   sample_rate=self.sample_rate, timings={"thinker_s": t_thinker},
-                   audio_embeds=None if mm_rows is None or mm_rows[b] is None else mm_rows[b],
-                   prompt_logits=None if out.prompt_logits is None else out.prompt_logits[b])
-            for b, toks in enumerate(out.tokens)
-        ]
+        results = []
+        for b, toks in enumerate(out.tokens):
+            text, reasoning = self._answer_and_reasoning(toks, eos)
+            results.append(Result(
+                text=text, reasoning=reasoning, prompt_ids=prompts[b], token_ids=list(toks),
+                finish_reason=out.finish_reasons[b], sample_rate=self.sample_rate, timings={"thinker_s": t_thinker},
+                audio_embeds=None if mm_rows is None else mm_rows[b],
+                prompt_logits=None if out.prompt_logits is None else out.prompt_logits[b]))
         if mm_rows is not None:
             for r in results:
                 r.timings["audio_encoder_s"] = t_audio
@@ -177,33 +178,25 @@ class OmniPipeline:
             self._speak(results, out, names, eos, talker_max_new_tokens, talker_sampling or TalkerSampling(), seed)
         return results
 
-    def _decode(self, ids: Sequence[int], eos: Sequence[int]) -> str:
-        """The answer text: EOS and a Thinking model's `<think>` block left out."""
-        return self.tokenizer.decode([t for t in self.tokenizer.split_reasoning(ids)[1] if t not in eos],
-                                     skip_special_tokens=True)
-
-    def _reasoning(self, ids: Sequence[int], eos: Sequence[int]) -> str | None:
-        thought = self.tokenizer.split_reasoning(ids)[0]
-        return None if thought is None else self.tokenizer.decode([t for t in thought if t not in eos],
-                                                                  skip_special_tokens=True).strip()
+    def _answer_and_reasoning(self, ids: Sequence[int], eos: Sequence[int]) -> tuple[str, str | None]:
+        """(answer text, a Thinking model's `<think>` text or None), EOS left out of both."""
+        thought, answer = self.tokenizer.split_reasoning(ids)
+        decode = lambda part: self.tokenizer.decode([t for t in part if t not in eos],  # noqa: E731
+                                                    skip_special_tokens=True)
+        return decode(answer), None if thought is None else decode(thought).strip()
 
     def encode_audio(self, prompts: list[list[int]], audio: Sequence[Sequence[np.ndarray]] | None,
                      max_new_tokens: int) -> list[np.ndarray | None] | None:
         """Per row, its clips' encoder rows [n, H] concatenated in order (None: a row without audio), after
-        checking that each row's placeholders match its clips and fit the cache with the reply budget."""
+        checking that each row fits the cache with the reply budget (the engine matches rows to placeholders)."""
         if audio is None or not any(len(a) for a in audio):
             return None
         if len(audio) != len(prompts):
             raise UsageError(f"got audio for {len(audio)} prompts, expected {len(prompts)}")
         if self.audio is None:
             raise UsageError("the request has audio, but this checkpoint has no audio encoder (thinker.audio_tower)")
-        pad = self.config.thinker.audio_token_id
         for b, (ids, feats) in enumerate(zip(prompts, audio)):
-            rows = sum(prompt_lib.audio_rows(self.config, feats))
-            found = sum(1 for t in ids if t == pad)
-            if found != rows:
-                raise UsageError(f"prompt {b} has {found} audio placeholders for its clips' {rows} encoder rows")
-            prompt_lib.check_fits(self.config, len(ids), rows, max_new_tokens, self.max_len, f"prompt {b}")
+            prompt_lib.check_fits(self.config, len(ids), feats, max_new_tokens, self.max_len, f"prompt {b}")
         params = self.params["audio_tower"]
         return [np.concatenate(self.audio.encode(params, list(feats))) if feats else None for feats in audio]
 

@@ -60,14 +60,16 @@ def audio_tokens_per_second(config: OmniConfig) -> int:
     return rows_for_frames(audio_lib.SAMPLE_RATE // audio_lib.HOP, config.thinker.audio.chunk_frames)
 
 
-def check_fits(config: OmniConfig, n_prompt: int, audio_tokens: int, max_new_tokens: int, max_len: int,
+def check_fits(config: OmniConfig, n_prompt: int, features: Sequence[np.ndarray], max_new_tokens: int, max_len: int,
                row: str = "the prompt") -> None:
-    """UsageError when prompt + reply budget exceed the cache; with audio, the message says how many seconds fit."""
+    """UsageError when prompt + reply budget exceed the cache; with audio (`features`: the prompt's clips), the
+    message says how many seconds fit."""
     need = n_prompt + max_new_tokens
     if need <= max_len:
         return
     head = (f"{row} is {n_prompt} tokens and --max_new_tokens={max_new_tokens}, together {need} tokens, longer than "
             f"--max_len={max_len}")
+    audio_tokens = sum(audio_rows(config, features))
     if audio_tokens:
         per_second = audio_tokens_per_second(config)
         fit = max(0, max_len - max_new_tokens - (n_prompt - audio_tokens)) // per_second
