@@ -21,8 +21,6 @@ phases get bytes of weights read per step -> roofline steps/s; prefill and Code2
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import gc
 import json
 import os
@@ -35,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from omni_jax import cli  # noqa: E402  (exit codes: 2 usage, 1 runtime; "error: ..." on stderr)
+from omni_jax.cli import flag_groups as shared  # noqa: E402
 from tools.bench.checkpoints import params_bytes, resolve_config, load_ours, prepare_checkpoints  # noqa: E402
 from tools.bench.harness import CompileTimer, Ctx, peak_rss_mib, rss_mib  # noqa: E402
 from tools.bench.phases import DEFINITIONS, PHASE_FNS  # noqa: E402
@@ -57,7 +56,7 @@ flags.DEFINE_float("code2wav_seconds", 10.0, "Seconds of audio decoded in the Co
 flags.DEFINE_integer("e2e_tokens", 24, "Thinker tokens in the talker and end-to-end phases (greedy).")
 flags.DEFINE_integer("e2e_frames", 60, "Max talker frames in the end-to-end phase (greedy).")
 flags.DEFINE_string("prompt", "Tell me about the sea.", "Text prompt of the talker and end-to-end phases.")
-flags.DEFINE_integer("stream_chunk", 4, "Frames per streamed audio chunk (e2e streaming).")
+shared.define_stream_flags()
 flags.DEFINE_float("audio_seconds", 30.0, "Audio per call in the audio-encoder phase.")
 flags.DEFINE_string("audio_config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                                  "qwen3_omni_30b_a3b_instruct.json"),

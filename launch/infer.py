@@ -54,7 +54,7 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-proces
 flags.DEFINE_bool("stream", False, "Stream: print text as it comes and write audio chunk by chunk while the thinker "
                   "is still writing (--output file.wav stays valid after every chunk; --output=- writes raw PCM "
                   "s16le 24 kHz mono to stdout and the text to stderr); prints latencies. Batch 1, one process.")
-flags.DEFINE_integer("stream_chunk", 4, "Codec frames (80 ms each) per streamed audio chunk, 4..25.")
+shared.define_stream_flags()
 
 
 def _prompt_given() -> list[str]:
@@ -76,8 +76,6 @@ def _check_flags() -> None:
         bad = [f for f in ("interactive", "text_only", "dump_dir") if getattr(FLAGS, f)]
         if bad:
             raise UsageError(f"--stream runs one prompt with speech in one process; drop --{', --'.join(bad)}")
-        if not 4 <= FLAGS.stream_chunk <= 25:
-            raise UsageError(f"--stream_chunk must be in [4, 25] codec frames, got {FLAGS.stream_chunk}")
     if FLAGS.prefill_chunk is not None and FLAGS.prefill_chunk < 1:
         raise UsageError(f"--prefill_chunk must be >= 1, got {FLAGS.prefill_chunk}")
     if FLAGS.checkpoint and not os.path.isdir(FLAGS.checkpoint):

@@ -68,6 +68,12 @@ CASES = {
     "zero_max_new_tokens": (INFER, ["--prompt=hi", "--max_new_tokens=0"], 2, "flag --max_new_tokens=0", None),
     "negative_talker_max_new_tokens": (INFER, ["--prompt=hi", "--talker_max_new_tokens=-3"], 2,
                                        "flag --talker_max_new_tokens=-3", None),
+    # --- streaming chunk sizes: 1..25 codec frames, absl's bounds
+    "stream_chunk_zero": (INFER, ["--prompt=hi", "--stream", "--stream_chunk=0"], 2, "flag --stream_chunk=0", None),
+    "stream_chunk_negative": (INFER, ["--prompt=hi", "--stream", "--stream_chunk=-2"], 2, "flag --stream_chunk=-2",
+                              None),
+    "stream_chunk_over_max": (INFER, ["--prompt=hi", "--stream", "--stream_chunk=26"], 2,
+                              "flag --stream_chunk=26: 26 is not an integer in the range [1, 25]", None),
     # --- flags absl rejects (absl alone would exit 1)
     "unknown_flag": (INFER, ["--prompt=hi", "--nonsense=1"], 2, "Unknown command line flag 'nonsense'", None),
     "bad_flag_type": (INFER, ["--prompt=hi", "--top_k=many"], 2, "flag --top_k=many", None),

@@ -1,5 +1,5 @@
-"""Code2Wav equals transformers' Qwen3OmniMoeCode2Wav at fp32 (full and chunked decode); incremental decode with
-the documented left context equals the full decode; the documented receptive field is exact; bf16 runs."""
+"""Code2Wav equals transformers' Qwen3OmniMoeCode2Wav at fp32 (full and chunked decode); the stateful stream
+equals the full decode at every chunk size; the documented receptive field is exact; bf16 runs."""
 
 import json
 import os
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from omni_jax import load_config
+from omni_jax.config import parse_config
+from omni_jax.errors import UsageError
 from omni_jax.checkpoint import convert
 from omni_jax.models import code2wav as c2w
 from omni_jax.models import registry
@@ -64,27 +66,97 @@ def test_chunked_decode_matches_transformers(model):
     assert err <= 1e-4  # fp32 both sides: summation order only
 
 
-def test_incremental_decode_equals_full(model):
-    _, config, params = model
+def _small_code2wav():
+    """A Code2Wav small enough to compile 25 stream steps in seconds (U = 12 samples per frame, D = 9, one
+    transformer layer of window 8), with weights scaled up so the waveform is far from zero."""
+    with open(os.path.join(reference.ROOT, "configs", "tiny.json")) as f:
+        tree = json.load(f)
+    tree["code2wav_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, sliding_window=8, decoder_dim=16, upsample_rates=[2, 3],
+                                   upsampling_ratios=[2])
+    config = parse_config(tree)
+    params = registry.random_params(config, jnp.float32, seed=3, roots=("code2wav",))["code2wav"]
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+    leaves = [p + 0.1 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+    return config, jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _stream_rows(stream, replies):
+    """Stream replies[b] (a list of [Q, T] code arrays, one after another) through row b of `stream`, each
+    reply starting with a reset and ending with a short chunk where T is not a multiple of the chunk size.
+    Returns each row's list of reply waveforms."""
+    n = stream.chunk_frames
+    plans = []  # per row: (reply index, first frame) of every call
+    for reps in replies:
+        plans.append([(i, a) for i, r in enumerate(reps) for a in range(0, r.shape[1], n)])
+    out = [[[] for _ in reps] for reps in replies]
+    for k in range(max(map(len, plans))):
+        step = [plan[k] if k < len(plan) else None for plan in plans]
+        stream.reset([b for b, s in enumerate(step) if s is not None and s[1] == 0])
+        wav = stream.decode([None if s is None else replies[b][s[0]][:, s[1]:s[1] + n] for b, s in enumerate(step)])
+        for b, s in enumerate(step):
+            assert (wav[b] is None) == (s is None)
+            if s is not None:
+                out[b][s[0]].append(wav[b])
+    return [[np.concatenate(p) for p in row] for row in out]
+
+
+def _max_stream_error(params, config, replies, chunk_sizes, fulls):
+    worst = 0.0
+    for chunk in chunk_sizes:
+        got = _stream_rows(vocoder.VocoderStream(params, config, chunk, batch=len(replies)), replies)
+        for row, ref_row in zip(got, fulls):
+            for wav, ref in zip(row, ref_row):
+                assert wav.shape == ref.shape, (chunk, wav.shape, ref.shape)
+                worst = max(worst, float(np.max(np.abs(wav - ref))))
+    return worst
+
+
+def test_stream_equals_full_decode_every_chunk_size():
+    """Rows of different lengths, one over 300 frames, one streaming a second reply after a reset: for every
+    chunk size 1..25 the concatenated stream is the full decode, and each chunk size compiles exactly once."""
+    config, params = _small_code2wav()
     cfg = config.code2wav
-    context = c2w.required_left_context(config)
-    assert context == cfg.num_hidden_layers * (cfg.sliding_window - 1) + c2w.conv_context_frames(config)
-    t = context + 28  # so the 25-frame chunks also reach the steady state (start > context, no padding)
-    codes = _codes(config, 1, t, seed=2)
-    full = np.asarray(vocoder.code2wav(params, codes, config))
-    u, d = cfg.total_upsample, c2w.delay_samples(config)
-    for chunk in (4, 25):
-        pieces = []
-        for start in range(0, t, chunk):
-            end = min(start + chunk, t)
-            piece = np.asarray(vocoder.decode_incremental(params, codes, start, end, config, pad_frames_to=chunk))
-            assert piece.shape[-1] == end * u - d - max(0, start * u - d)
-            pieces.append(piece)
-        inc = np.concatenate(pieces, axis=-1)
-        assert inc.shape == full.shape
-        err = float(np.max(np.abs(inc - full)))
-        print(f"incremental chunk={chunk} context={context}: max abs {err:.3g}")
-        assert err <= 1e-5  # same arithmetic up to reduction order over masked (exactly zero) terms
+    rng = np.random.default_rng(5)
+    replies = [[rng.integers(0, cfg.codebook_size, (cfg.num_quantizers, t))] for t in (310,)]
+    replies.append([rng.integers(0, cfg.codebook_size, (cfg.num_quantizers, t)) for t in (95, 41)])
+    fulls = [[np.asarray(vocoder.code2wav(params, r[None], config))[0] for r in row] for row in replies]
+    assert fulls[0][0].shape == (310 * cfg.total_upsample - c2w.delay_samples(config),)
+    assert min(float(np.max(np.abs(f))) for row in fulls for f in row) > 1e-2  # a waveform, not silence
+    compiled = vocoder._stream_step._cache_size()
+    err = _max_stream_error(params, config, replies, range(1, 26), fulls)
+    print(f"stream vs full decode, chunk sizes 1..25: max abs {err:.2e}")
+    assert err <= 1e-5
+    assert vocoder._stream_step._cache_size() - compiled == 25  # one (batch, chunk) shape each; tails padded
+
+
+def test_stream_equals_full_decode_transformers_weights(model):
+    """The same at the tiny config with the converted transformers weights (U = 1920, two 72-frame layers)."""
+    _, config, params = model
+    codes = _codes(config, 2, 305, seed=2)
+    replies = [[codes[0]], [codes[1, :, :33]]]
+    fulls = [[np.asarray(vocoder.code2wav(params, r[None], config))[0] for r in row] for row in replies]
+    err = _max_stream_error(params, config, replies, (1, 4, 25), fulls)
+    peak = max(float(np.max(np.abs(f))) for row in fulls for f in row)
+    print(f"stream vs full decode (transformers weights), chunks 1/4/25: max abs {err:.2e}, peak {peak:.2e}")
+    assert err <= 1e-5 and err <= 1e-4 * peak  # the random HF init is quiet: bound the relative error too
+
+
+def test_stream_state_is_constant_size_and_rejects_bad_chunks():
+    config, params = _small_code2wav()
+    state = vocoder.init_stream(params, config, batch=3)
+    cfg = config.code2wav
+    kv = [a for path, a in jax.tree_util.tree_flatten_with_path(state.cache)[0] if "key" in jax.tree_util.keystr(path)]
+    # batch-major (rows are reset and masked by their leading index), layers next, then the window
+    assert [a.shape[:3] for a in kv] == [(3, cfg.num_hidden_layers, cfg.sliding_window - 1)]
+    assert all(a.shape[0] == 3 for a in jax.tree_util.tree_leaves(state.cache))
+    for bad in (0, -1, 26, 2.5, True, "4"):
+        with pytest.raises(UsageError, match=r"chunk_frames must be an integer in \[1, 25\]"):
+            vocoder.VocoderStream(params, config, bad)
+    stream = vocoder.VocoderStream(params, config, 3, batch=2)
+    with pytest.raises(ValueError, match=r"row 0 needs codes \[16, 1..3\]"):
+        stream.decode([np.zeros((16, 4), np.int32), None])
 
 
 def test_receptive_field_is_exact(model):

@@ -1,9 +1,9 @@
-"""Streaming (omni_jax.runtime.streaming): interleaved thinker / talker / incremental Code2Wav equals the non-streaming path.
+"""Streaming (omni_jax.runtime.streaming): interleaved thinker / talker / streamed Code2Wav equals the non-streaming path.
 
 Tiny config, random fp32 weights (both paths share them), greedy thinker and talker. Equality: identical text
 tokens and codec frames, waveform within 1e-5 max abs of Code2Wav's full decode (<= 300 frames here, so that is
 also what `OmniPipeline.generate` returns). Two schedules: a short reply with a long talker budget (the thinker
-ends first; the talker then runs on tts_pad, far enough to decode chunks with the full 152-frame left context),
+ends first; the talker then runs on tts_pad, far past Code2Wav's 152-frame receptive field),
 and a long reply with a short talker budget (the talker keeps catching up and waits for every token).
 """
 
@@ -58,11 +58,15 @@ def _check_equal(pipe, ref, stream, events, chunk):
     assert err_full <= WAV_TOL and err_ref <= WAV_TOL
     ts = [e.t for e in events]
     assert ts == sorted(ts)
+    # the time-to-first-audio breakdown, stage by stage in the order they happen
+    stages = ("time_to_first_token_s", "talker_prefill_s", "time_to_first_frame_s", "time_to_first_audio_s", "total_s")
+    marks = [res.timings[k] for k in stages]
+    assert marks == sorted(marks) and marks[0] > 0
 
 
 def test_thinker_ends_first_eos(pipe):
     """Short reply ended by an EOS id, long talker budget: 169 frames, so late chunks start past the 152-frame
-    context (full left context) and most frames run after the thinker is done (tts_eos, then tts_pad)."""
+    receptive field (everything they read comes from the carried state) and most frames run after the thinker is done (tts_eos, then tts_pad)."""
     (probe,) = pipe.generate_ids([pipe.encode(PROMPT)], text_only=True, max_new_tokens=4)
     eos = probe.token_ids[2]
     assert eos not in probe.token_ids[:2]
@@ -135,8 +139,8 @@ def test_text_deltas_hold_back_split_utf8(pipe):
 
 
 def test_chunk_range_and_progressive_wav(pipe, tmp_path):
-    for bad in (3, 26):
-        with pytest.raises(ValueError, match=r"chunk_frames must be in \[4, 25\]"):
+    for bad in (0, 26):
+        with pytest.raises(ValueError, match=r"chunk_frames must be an integer in \[1, 25\]"):
             pipe.stream(PROMPT, chunk_frames=bad)
         with pytest.raises(ValueError, match="chunk_frames"):
             AudioChunker(pipe.params["code2wav"], pipe.config, bad)

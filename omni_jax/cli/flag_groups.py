@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from absl import flags
 
 from omni_jax.errors import UsageError
+from omni_jax.runtime.types import DEFAULT_CHUNK_FRAMES, MAX_CHUNK_FRAMES, MIN_CHUNK_FRAMES
 
 FLAGS = flags.FLAGS
 
@@ -57,6 +58,13 @@ def define_sampling_flags() -> None:
                        "Talker repetition penalty on codec group 0 (HF default 1.05).")
     flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
     flags.DEFINE_string("speaker", "ethan", "Voice (case-insensitive), e.g. ethan, chelsie, aiden.")
+
+
+def define_stream_flags() -> None:
+    """--stream_chunk, range-checked by absl at parse time (a usage error before anything loads)."""
+    flags.DEFINE_integer("stream_chunk", DEFAULT_CHUNK_FRAMES,
+                         f"Codec frames (80 ms each) per streamed audio chunk, {MIN_CHUNK_FRAMES}..{MAX_CHUNK_FRAMES}; "
+                         "1 streams 80 ms packets.", lower_bound=MIN_CHUNK_FRAMES, upper_bound=MAX_CHUNK_FRAMES)
 
 
 def sampling_values(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -89,7 +89,8 @@ def stream_to_outputs(stream, output: str | None, sample_rate: int,
         "waits": stream.stats.waits,
         # the time-to-first-audio breakdown (seconds since the stream started; the front end ran before it)
         "breakdown": {k: res.timings.get(k) for k in ("front_end_s", "audio_encoder_s", "time_to_first_token_s",
-                                                      "time_to_first_frame_s", "time_to_first_audio_s")} if res else {},
+                                                      "talker_prefill_s", "time_to_first_frame_s",
+                                                      "time_to_first_audio_s")} if res else {},
     }
     text_out.write("\n")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -102,7 +103,8 @@ def stream_to_outputs(stream, output: str | None, sample_rate: int,
     if b:
         text_out.write(f"[first audio: front end {fmt(b['front_end_s'])} s, then at audio encoder "
                        f"{fmt(b['audio_encoder_s'])} / thinker first token {fmt(b['time_to_first_token_s'])} / talker "
-                       f"first frame {fmt(b['time_to_first_frame_s'])} / first vocoder chunk "
+                       f"prefill {fmt(b['talker_prefill_s'])} / code predictor (first frame) "
+                       f"{fmt(b['time_to_first_frame_s'])} / first vocoder chunk "
                        f"{fmt(b['time_to_first_audio_s'])} s]\n")
     text_out.flush()
     return report

@@ -14,14 +14,15 @@ are final.
 Receptive field (exact, see `transformer_context_frames` / `conv_context_frames`). The transformer is causal;
 each layer looks back sliding_window-1 = 71 frames, so L stacked layers look back L*71 frames (568 for the real
 model, 142 for tiny). The conv stack (ConvNeXt depthwise convs, causal convs, dilated residual units) looks back
-10 frames from the first sample of a frame. So decoding frames [a, b) needs `required_left_context` = L*71 + 10
-frames (578 real, 152 tiny) of left context to equal the full decode; only the cheap transformer (12.5 Hz) runs
-over all of them, the sample-rate conv stack only over the last 10 + (b - a) frames (`decode_incremental`).
-Exact O(chunk) streaming would instead carry per-layer KV caches (71 frames) and per-conv left states; these
-numbers are those buffers' sizes.
+10 frames from the first sample of a frame: `required_left_context` = L*71 + 10 frames (578 real, 152 tiny).
+
+Streaming never re-reads that context. Applied with the "cache" collection mutable, the module decodes the next
+frames of each row from carried state: each transformer layer's last sliding_window-1 keys and values, and every
+causal conv's, transposed conv's and ConvNeXt block's last input steps at its own time resolution (a few steps
+each). The cost of a chunk is then independent of how much audio came before it.
 
 The module takes masking arguments (`tf_valid`, `conv_valid`, `conv_skip`) so that padded windows decode
-exactly like unpadded sequences; the decoding procedures built on them (full, HF-chunked, incremental) are
+exactly like unpadded sequences; the decoding procedures built on them (full, HF-chunked, streamed) are
 omni_jax.runtime.vocoder.
 """
 
@@ -63,6 +64,37 @@ def _mask_before(x: jax.Array, valid_start: jax.Array | None) -> jax.Array:
     return jnp.where(keep[..., None], x, jnp.zeros((), x.dtype))
 
 
+def _streaming(module: nn.Module) -> bool:
+    """Streaming mode is a mutable "cache" collection (the Linen decode idiom): see `init_stream`."""
+    return module.is_mutable_collection("cache")
+
+
+def _left_context(module: nn.Module, x: jax.Array, valid_start: jax.Array | None, need: int) -> tuple[jax.Array, int]:
+    """The input a causal layer reading `need` steps back convolves, and the zero padding it still needs.
+
+    Whole sequence: x itself with `need` steps of zero padding. Streaming: the last `need` input steps of
+    the previous chunk (the "buffer" cache variable, at this layer's own time resolution) prepended, no
+    padding. valid_start is then minus the global index of x's first step, so steps before the stream's
+    start (a fresh row's empty buffer, and the first chunk's outputs of the trimmed transposed convs that
+    precede sample 0) are zeroed exactly as the whole sequence's padding: a row restarts by resetting its
+    frame count, with no buffer to clear.
+    """
+    if not _streaming(module) or need == 0:
+        return _mask_before(x, valid_start), need
+    buf = module.variable("cache", "buffer", jnp.zeros, (x.shape[0], need, x.shape[-1]), x.dtype)
+    x = _mask_before(jnp.concatenate([buf.value, x], axis=1), valid_start + need)
+    buf.value = x[:, x.shape[1] - need:]
+    return x, 0
+
+
+def _upsampled_valid(module: nn.Module, valid_start: jax.Array | None, m: int, s: int) -> jax.Array | None:
+    """valid_start after a trimmed transposed conv (kernel m*s, stride s). Streaming, its outputs start at
+    the buffer's first step, m-1 input steps before the chunk's."""
+    if valid_start is None:
+        return None
+    return (valid_start + (m - 1 if _streaming(module) else 0)) * s
+
+
 # ---------------------------------------------------------------------------------------------- building blocks
 
 
@@ -87,8 +119,8 @@ class CausalConv(nn.Module):
         )
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                           (self.features,), self.param_dtype)
-        x = _mask_before(x.astype(self.dtype), valid_start)
         pad = (self.kernel_size - 1) * self.dilation
+        x, pad = _left_context(self, x.astype(self.dtype), valid_start, pad)
         y = jax.lax.conv_general_dilated(
             x, kernel.astype(self.dtype), window_strides=(1,), padding=[(pad, 0)], rhs_dilation=(self.dilation,),
             dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=self.groups,
@@ -114,15 +146,16 @@ class CausalTransConv(nn.Module):
         if k % s:
             raise ValueError(f"CausalTransConv: kernel_size={k} must be a multiple of stride={s}")
         m = k // s
-        b, length, cin = x.shape
-        n = length - m + 1
-        if n <= 0:
-            raise ValueError(f"CausalTransConv: {length} input steps is too short for kernel {k}, stride {s}")
+        cin = x.shape[-1]
         kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, _CONV_AXES), (k, cin, self.features),
                             self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                           (self.features,), self.param_dtype)
-        x = _mask_before(x.astype(self.dtype), valid_start)
+        x, _ = _left_context(self, x.astype(self.dtype), valid_start, m - 1)
+        b, length, _ = x.shape
+        n = length - m + 1
+        if n <= 0:
+            raise ValueError(f"CausalTransConv: {length} input steps is too short for kernel {k}, stride {s}")
         w = kernel.astype(self.dtype).reshape(m, s, cin, self.features)
         y = sum(jnp.einsum("btc,rcd->btrd", x[:, m - 1 - q: m - 1 - q + n], w[q]) for q in range(m))
         return y.reshape(b, n * s, self.features) + bias.astype(self.dtype)
@@ -196,7 +229,7 @@ class DecoderBlock(nn.Module):
         h = SnakeBeta(self.param_dtype, name="act")(x)
         h = CausalTransConv(self.features, 2 * self.rate, self.rate, self.dtype, self.param_dtype,
                             name="upsample")(h, valid_start)
-        valid_start = None if valid_start is None else valid_start * self.rate
+        valid_start = _upsampled_valid(self, valid_start, 2, self.rate)
         for i, d in enumerate(_RES_DILATIONS):
             h = ResidualUnit(d, self.dtype, self.param_dtype, name=f"res_{i}")(h, valid_start)
         return h, valid_start
@@ -223,6 +256,13 @@ class SlidingAttention(nn.Module):
         q = apply_rope(proj(cfg.num_attention_heads, "heads", "q_proj")(x), cos, sin)
         k = apply_rope(proj(cfg.num_key_value_heads, "kv_heads", "k_proj")(x), cos, sin)
         v = proj(cfg.num_key_value_heads, "kv_heads", "v_proj")(x)
+        keep = cfg.sliding_window - 1
+        if _streaming(self) and keep:  # the window's last `keep` keys and values (RoPE applied) before this chunk
+            shape = (x.shape[0], keep) + k.shape[2:]
+            ck = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+            cv = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
+            k, v = jnp.concatenate([ck.value, k], axis=1), jnp.concatenate([cv.value, v], axis=1)
+            ck.value, cv.value = k[:, k.shape[1] - keep:], v[:, v.shape[1] - keep:]
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         out = dot_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, cfg.head_dim**-0.5)
         return nn.DenseGeneral(
@@ -260,6 +300,15 @@ class TransformerLayer(nn.Module):
         return constrain(x, ("batch", "length", "embed")), None
 
 
+def stream_mask(positions: jax.Array, window: int) -> jax.Array:
+    """[B, n, window-1+n] for a streamed chunk at global frames positions [B, n]: the keys are the cached
+    window-1 frames before the chunk and the chunk's own; frames before the stream's start are never visible."""
+    n = positions.shape[1]
+    q = positions[:, :, None]
+    k = (positions[:, :1] - (window - 1))[:, :, None] + jnp.arange(window - 1 + n)[None, None, :]
+    return (k <= q) & (k > q - window) & (k >= 0)
+
+
 def sliding_mask(length: int, window: int, valid_start: jax.Array | None, batch: int) -> jax.Array:
     """[B, T, T]: key j visible to query i iff i - window < j <= i and j >= valid_start[b] (HF's sliding mask)."""
     i = jnp.arange(length)[:, None]
@@ -281,7 +330,10 @@ class PreTransformer(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        mask = sliding_mask(t, cfg.sliding_window, valid_start, b)
+        if _streaming(self):
+            mask = stream_mask(positions, cfg.sliding_window)
+        else:
+            mask = sliding_mask(t, cfg.sliding_window, valid_start, b)
         layers = scan_layers(TransformerLayer, cfg.num_hidden_layers)(cfg, self.dtype, self.param_dtype, name="layers")
         x, _ = layers(x, cos, sin, mask)
         return RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
@@ -305,7 +357,12 @@ class Code2Wav(nn.Module):
     ) -> jax.Array:
         """positions [B, T] RoPE positions; tf_valid [B]: frames before it are padding (masked as attention keys);
         conv_skip (static): transformer-output frames dropped before the conv stack; conv_valid [B]: frames (after
-        the skip) before it are padding (zeroed at every conv input, i.e. the conv stack starts there)."""
+        the skip) before it are padding (zeroed at every conv input, i.e. the conv stack starts there).
+
+        Streaming (applied with the "cache" collection mutable, see `init_stream`): codes are the next T frames
+        of each row, positions their global frame indices (row b's stream so far has positions[b, 0] frames),
+        the masking arguments are unused, and the result is samples [p*U - D, (p+T)*U - D) with p = positions[:, 0]
+        (a fresh row's first D samples precede the waveform: drop them)."""
         cfg = self.config
         q, cb = cfg.num_quantizers, cfg.codebook_size
         if codes.ndim != 3 or codes.shape[1] != q:
@@ -320,10 +377,10 @@ class Code2Wav(nn.Module):
         x = PreTransformer(cfg, self.dtype, self.param_dtype, name="pre_transformer")(x, positions, tf_valid)
         x = x[:, conv_skip:]
 
-        valid = conv_valid
+        valid = -positions[:, 0] if _streaming(self) else conv_valid
         for i, r in enumerate(cfg.upsampling_ratios):
             x = CausalTransConv(cfg.hidden_size, r, r, self.dtype, self.param_dtype, name=f"upsample_{i}")(x, valid)
-            valid = None if valid is None else valid * r
+            valid = _upsampled_valid(self, valid, 1, r)
             x = ConvNeXtBlock(self.dtype, self.param_dtype, name=f"convnext_{i}")(x, valid)
 
         x = CausalConv(cfg.decoder_dim, _CONV_KERNEL, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -382,7 +439,7 @@ def conv_context_frames(config: OmniConfig | Code2WavConfig) -> int:
 
 
 def required_left_context(config: OmniConfig | Code2WavConfig) -> int:
-    """Left context (frames) for which `decode_incremental` equals the full decode exactly (578 real, 152 tiny)."""
+    """Frames back that one sample depends on (578 real, 152 tiny): what a stateless window decode would re-read."""
     return transformer_context_frames(config) + conv_context_frames(config)
 
 

@@ -143,10 +143,11 @@ class DecoderStack(nn.Module):
 
 def scan_layers(layer: type[nn.Module], length: int):
     """`layer` scanned `length` times over its carry: params stacked on a leading "layers" axis (the rules
-    table's name for it), its three other call arguments shared by every step."""
+    table's name for it), a streaming "cache" (Code2Wav's) on axis 1 so that batch stays leading, its
+    three other call arguments shared by every step."""
     return nn.scan(
         layer,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 1},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=length,

@@ -10,7 +10,8 @@ loop interleaves the three, using the same compiled functions as the non-streami
     feeds it to the thinker), then tts_pad forever. So column s is known as soon as token s+1 exists.
     The talker prompt itself needs only the prompt and generated token 0, so the talker starts right
     after the thinker's prefill.
-  * Code2Wav: `vocoder.decode_incremental` on every `chunk_frames` new frames (`vocoder.AudioChunker`).
+  * Code2Wav: one `vocoder.stream_step` per `chunk_frames` new frames (`vocoder.AudioChunker`), from a carried
+    state, so every chunk costs the same however long the reply has been.
 
 Schedule (talker first): the talker takes its next frame whenever its column is available; when it has
 caught up with the thinker (column s needs token s+1, not generated yet) the scheduler *waits*, i.e.
@@ -21,14 +22,14 @@ budget) the thinker finishes its text. `SpeechStream.stats` counts and logs ever
 
 Equality with the non-streaming path (`OmniPipeline.generate`): same token ids and codec frames (same
 compiled steps, same PRNG chains), and the concatenated audio equals Code2Wav's full decode of all
-frames up to float summation order (`decode_incremental` with the exact left context). For at most
+frames up to float summation order (the carried state holds exactly what the next chunk reads). For at most
 300 frames that is also what the non-streaming path returns; beyond 300 frames the non-streaming path
 reproduces HF's `chunked_decode` seams (25-frame left context, D samples lost per chunk), while
 streaming keeps equalling the exact full decode.
 
 Compiles: the thinker prefill/decode step and talker prefill are the non-streaming path's; the talker
-step compiles once more for a one-column trailing (see `_ColumnSource`); Code2Wav compiles two windows
-(the first chunk's, and the one every later chunk reuses).
+step compiles once more for a one-column trailing (see `_ColumnSource`); Code2Wav compiles one stream
+step per chunk size (a short last chunk is padded to it).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ from omni_jax.runtime.sampling import SamplingParams, TalkerSampling
 from omni_jax.runtime.talker_engine import check_finite as check_talker_finite
 from omni_jax.runtime.talker_inputs import tts_token_ids
 from omni_jax.runtime.thinker_engine import check_finite as check_thinker_finite
-from omni_jax.runtime.types import Request, Result, StreamEvent
-from omni_jax.runtime.vocoder import DEFAULT_CHUNK_FRAMES, AudioChunker, check_chunk_frames
+from omni_jax.runtime.types import DEFAULT_CHUNK_FRAMES, Request, Result, StreamEvent, check_chunk_frames
+from omni_jax.runtime.vocoder import AudioChunker
 
 
 @dataclasses.dataclass
@@ -240,6 +241,8 @@ class SpeechStream:
             talker = chunker = None
             if not thinker_done:  # the reply has >= MIN_SPEECH_TOKENS tokens: it gets speech
                 talker, cols, tstate = self._start_talker(state, tokens[0])
+                jax.block_until_ready(tstate)
+                timings["talker_prefill_s"] = now()  # the talker prompt's prefill: codebook 0 of frame 0
                 chunker = AudioChunker(pipe.params["code2wav"], pipe.config, self.chunk_frames, pipe.dtype)
             wav_parts: list[np.ndarray] = []
             talker_done = (talker is None or self.talker_max_new_tokens <= 1

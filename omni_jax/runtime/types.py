@@ -13,6 +13,19 @@ from omni_jax.errors import UsageError
 
 #: The talker prompt takes the first reply token and its trailing text starts at the second, so a reply needs two.
 MIN_SPEECH_TOKENS = 2
+#: Codec frames (80 ms each) per streamed audio chunk: one-frame packets up to 25 (2 s of audio, past which
+#: the first chunk is no longer early). The default is measured: see the README's streaming section.
+MIN_CHUNK_FRAMES, MAX_CHUNK_FRAMES = 1, 25
+DEFAULT_CHUNK_FRAMES = 4
+
+
+def check_chunk_frames(chunk_frames: int, what: str = "chunk_frames") -> int:
+    """chunk_frames as an int, or UsageError naming `what` (a flag, an argument) if it is not one in range."""
+    ok = isinstance(chunk_frames, (int, np.integer)) and not isinstance(chunk_frames, bool)
+    if not ok or not MIN_CHUNK_FRAMES <= int(chunk_frames) <= MAX_CHUNK_FRAMES:
+        raise UsageError(f"{what} must be an integer in [{MIN_CHUNK_FRAMES}, {MAX_CHUNK_FRAMES}] (codec frames of "
+                         f"80 ms per audio chunk), got {chunk_frames!r}")
+    return int(chunk_frames)
 
 
 @dataclasses.dataclass

@@ -3,8 +3,9 @@
   * `code2wav`: the full decode (HF `Code2Wav.forward`), one compile per (B, T).
   * `chunked_decode`: HF `Code2Wav.chunked_decode` (chunks of 300 frames with 25 frames of left context,
     RoPE restarting per chunk); every chunk runs in one padded window, so it compiles once.
-  * `decode_incremental`: the samples frames [a, b) complete, from just enough left context to equal
-    the full decode; `AudioChunker` drives it frame by frame for streaming.
+  * `stream_step`: the next n frames of every row at constant cost, from a carried `VocoderState`
+    (each layer's own left context); `VocoderStream` runs rows of replies over it and `AudioChunker`
+    one reply frame by frame. The concatenated stream equals the full decode.
   * `vocode`: what `OmniPipeline.generate` returns per row (HF's chunked decode of each row's frames).
 
 Padded windows decode exactly like unpadded sequences: frames before a valid start are masked as
@@ -17,6 +18,7 @@ import functools
 import math
 from typing import Any, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,14 +28,11 @@ from omni_jax.config import Code2WavConfig, OmniConfig
 from omni_jax.errors import NumericalError, UsageError
 from omni_jax.models import code2wav as c2w
 from omni_jax.models.code2wav import Code2Wav
+from omni_jax.runtime.types import DEFAULT_CHUNK_FRAMES, check_chunk_frames
 
 #: HF `Code2Wav.chunked_decode` settings used by `generate(..., return_audio=True)`.
 CHUNK_SIZE = 300
 LEFT_CONTEXT = 25
-#: Frames per streamed audio chunk allowed: below 4 the fixed per-chunk cost (context transformer, dispatch)
-#: dominates; above 25 (2 s of audio) the first chunk stops being "early".
-MIN_CHUNK_FRAMES, MAX_CHUNK_FRAMES = 4, 25
-DEFAULT_CHUNK_FRAMES = 4
 
 
 def as_code2wav_config(config: OmniConfig | Code2WavConfig) -> Code2WavConfig:
@@ -48,10 +47,15 @@ def _check_params(params: Any) -> None:
         )
 
 
-def _apply(params, codes, positions, tf_valid, conv_valid, config: Code2WavConfig, conv_skip: int, dtype):
+def _model(params, config: Code2WavConfig, dtype) -> Code2Wav:
+    """The module for these params; compute dtype defaults to theirs."""
     _check_params(params)
-    dtype = dtype or params["code_embedding"]["embedding"].dtype
-    model = Code2Wav(config, dtype=dtype, param_dtype=params["code_embedding"]["embedding"].dtype)
+    pdtype = params["code_embedding"]["embedding"].dtype
+    return Code2Wav(config, dtype=dtype or pdtype, param_dtype=pdtype)
+
+
+def _apply(params, codes, positions, tf_valid, conv_valid, config: Code2WavConfig, conv_skip: int, dtype):
+    model = _model(params, config, dtype)
     wav = model.apply({"params": params}, codes, positions, tf_valid, conv_valid, conv_skip)
     return wav.astype(jnp.float32)
 
@@ -135,38 +139,6 @@ def chunked_decode(
     return jnp.concatenate(out, axis=-1)
 
 
-def decode_incremental(
-    params: Any, codes: jax.Array, start: int, end: int, config: OmniConfig | Code2WavConfig,
-    context: int | None = None, pad_frames_to: int | None = None, dtype=None,
-) -> jax.Array:
-    """Samples of the full decode that frames [start, end) complete: [start*U - D, end*U - D) (from 0 if start == 0),
-    using only codes[:, :, start-context:end]. Concatenating the results over consecutive ranges gives the full
-    decode; with context >= required_left_context(config) (the default) they equal it exactly.
-
-    RoPE uses global frame positions (as the full decode does). The transformer runs over context + frames; the conv
-    stack only over min(context, conv_context_frames) + frames. pad_frames_to right-pads the window to a fixed frame
-    count so a short last chunk reuses the compiled shape.
-    """
-    cfg = as_code2wav_config(config)
-    b, q, t = codes.shape
-    if not 0 <= start < end <= t:
-        raise ValueError(f"decode_incremental: need 0 <= start < end <= frames={t}, got start={start}, end={end}")
-    context = c2w.required_left_context(cfg) if context is None else int(context)
-    if context < 1 and start > 0:
-        raise ValueError("decode_incremental: context must be >= 1 frame when start > 0 (the model delays by D samples)")
-    n = end - start
-    width = n if pad_frames_to is None else int(pad_frames_to)
-    if width < n:
-        raise ValueError(f"decode_incremental: pad_frames_to={pad_frames_to} is smaller than end-start={n}")
-    conv_ctx = min(context, c2w.conv_context_frames(cfg))
-    conv_skip = context - conv_ctx
-    pad_left = max(0, context - start)
-    win = _window(np.asarray(codes), start - context, end, context + width)
-    wav = decode_window(params, win, start - context, pad_left, max(0, pad_left - conv_skip), cfg, conv_skip, dtype)
-    u, d = cfg.total_upsample, c2w.delay_samples(cfg)
-    first = conv_ctx * u - (d if start > 0 else 0)
-    return wav[:, first:(conv_ctx + n) * u - d]
-
 def vocode(params: Any, codes: np.ndarray, lengths: Sequence[int], config: OmniConfig | Code2WavConfig, *,
            chunk_size: int = CHUNK_SIZE, left_context_size: int = LEFT_CONTEXT, dtype=None) -> list[np.ndarray]:
     """codes [B, 16, T] -> one waveform per row: HF's `chunked_decode` of that row's first lengths[b] frames.
@@ -206,63 +178,153 @@ def vocode(params: Any, codes: np.ndarray, lengths: Sequence[int], config: OmniC
     return out
 
 
-def check_chunk_frames(chunk_frames: int) -> int:
-    if not MIN_CHUNK_FRAMES <= int(chunk_frames) <= MAX_CHUNK_FRAMES:
-        raise UsageError(f"chunk_frames must be in [{MIN_CHUNK_FRAMES}, {MAX_CHUNK_FRAMES}], got {chunk_frames}")
-    return int(chunk_frames)
+@flax.struct.dataclass
+class VocoderState:
+    """Everything the next chunk needs, batch-major: each pre-transformer layer's last sliding_window - 1
+    keys and values, every causal conv's / transposed conv's last input steps at its own time resolution
+    (the Code2Wav "cache" collection), and the frames each row has streamed. Its shapes depend on the
+    batch only, so one state serves every chunk size."""
+
+    cache: Any
+    frames: jax.Array  # [B] int32
+
+
+def init_stream(params: Any, config: OmniConfig | Code2WavConfig, batch: int, dtype=None) -> VocoderState:
+    """A zero state for `batch` rows, every row at frame 0 (the cache's shapes from an abstract step)."""
+    cfg = as_code2wav_config(config)
+    model = _model(params, cfg, dtype)
+    codes = jnp.zeros((batch, cfg.num_quantizers, 1), jnp.int32)
+    positions = jnp.zeros((batch, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda p: model.apply({"params": p}, codes, positions, mutable=["cache"])[1]["cache"],
+                            params)
+    cache = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    return VocoderState(cache=cache, frames=jnp.zeros((batch,), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("state",))
+def _stream_step(params, state: VocoderState, codes, active, config: Code2WavConfig, dtype=None):
+    model = _model(params, config, dtype)
+    n = codes.shape[-1]
+    positions = state.frames[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+    wav, mutated = model.apply({"params": params, "cache": state.cache}, codes, positions, mutable=["cache"])
+
+    def keep_inactive(new, old):
+        return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    cache = jax.tree_util.tree_map(keep_inactive, mutated["cache"], state.cache)
+    frames = jnp.where(active, state.frames + n, state.frames)
+    return VocoderState(cache=cache, frames=frames), wav.astype(jnp.float32)
+
+
+def stream_step(params: Any, state: VocoderState, codes: jax.Array, config: OmniConfig | Code2WavConfig,
+                active: jax.Array | None = None, dtype=None) -> tuple[VocoderState, jax.Array]:
+    """Decode the next n frames of every row: codes [B, Q, n] -> (state, samples [B, n*U]) at constant cost.
+
+    Row b's samples are the full decode's [f*U - D, (f+n)*U - D) for f = state.frames[b]; a fresh row's
+    first D samples precede the waveform (drop them). Code2Wav is causal with that delay, so frames past a
+    reply's end (padding of a last, short chunk) change none of its samples before (f+r)*U - D. Rows where
+    `active` is False keep their state (and get samples to ignore). One compile per (B, n); the state is
+    donated. Reset a row by setting its frame count to 0 (`VocoderStream.reset`): nothing else is cleared.
+    """
+    cfg = as_code2wav_config(config)
+    codes = jnp.asarray(codes, jnp.int32)
+    if active is None:
+        active = jnp.ones((codes.shape[0],), bool)
+    return _stream_step(params, state, codes, jnp.asarray(active, bool), cfg, dtype)
+
+
+class VocoderStream:
+    """Rows of streamed audio over one `VocoderState`: each `decode` call feeds up to chunk_frames new
+    frames per row and returns each row's final samples, equal to the full decode of that row's frames.
+
+    A short chunk (a reply that ended mid-chunk) is padded to chunk_frames with code 0 and cut to its
+    frames' samples, so every call reuses the one compiled (batch, chunk_frames) step.
+    """
+
+    def __init__(self, params, config: OmniConfig | Code2WavConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+                 batch: int = 1, dtype=None):
+        self.params, self.config = params, as_code2wav_config(config)
+        self.chunk_frames = check_chunk_frames(chunk_frames)
+        self.dtype = dtype
+        self.state = init_stream(params, self.config, batch, dtype)
+        self.frames = np.zeros((batch,), np.int64)  # host copy of state.frames for active rows
+        self.u, self.d = self.config.total_upsample, c2w.delay_samples(self.config)
+
+    @property
+    def batch(self) -> int:
+        return int(self.frames.shape[0])
+
+    def reset(self, rows: Sequence[int]) -> None:
+        """Start new streams in these rows (a freed slot taking a new reply)."""
+        rows = np.asarray(rows, np.int64)
+        self.frames[rows] = 0
+        self.state = self.state.replace(frames=self.state.frames.at[rows].set(0))
+
+    def decode(self, codes: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
+        """codes[b]: row b's next [Q, r] frames (1 <= r <= chunk_frames), or None to leave the row as it is.
+
+        Returns row b's new samples (float32; None where codes[b] is None). A row given r < chunk_frames
+        frames has ended: reset it before streaming into it again."""
+        if len(codes) != self.batch:
+            raise ValueError(f"decode: got codes for {len(codes)} rows, the stream has {self.batch}")
+        q, n = self.config.num_quantizers, self.chunk_frames
+        window = np.zeros((self.batch, q, n), np.int32)
+        counts = np.zeros((self.batch,), np.int64)
+        for b, c in enumerate(codes):
+            if c is None:
+                continue
+            c = np.asarray(c, np.int32)
+            if c.ndim != 2 or c.shape[0] != q or not 1 <= c.shape[1] <= n:
+                raise ValueError(f"decode: row {b} needs codes [{q}, 1..{n}], got shape {c.shape}")
+            window[b, :, :c.shape[1]] = c
+            counts[b] = c.shape[1]
+        active = counts > 0
+        self.state, wav = stream_step(self.params, self.state, window, self.config, active, self.dtype)
+        wav = np.asarray(wav)
+        out: list[np.ndarray | None] = []
+        for b in range(self.batch):
+            if not active[b]:
+                out.append(None)
+                continue
+            lo = self.d if self.frames[b] == 0 else 0
+            piece = wav[b, lo:int(counts[b]) * self.u]
+            if not np.isfinite(piece).all():
+                f = int(self.frames[b])
+                raise NumericalError("code2wav", f"audio of row {b}, frames [{f}, {f + int(counts[b])})")
+            out.append(piece.copy())
+            self.frames[b] += n
+        return out
 
 
 class AudioChunker:
-    """Incremental Code2Wav: frames in, final waveform samples out, equal to the full decode of all frames.
-
-    Code2Wav is causal with a D-sample delay (D = `c2w.delay_samples`, 555): once frames [0, b) are known,
-    samples [0, b*U - D) (U = 1920 samples per frame) are final. Each chunk of `chunk_frames` new frames
-    [a, b) is decoded by `decode_incremental` with the exact left context `c2w.required_left_context`
-    = layers * 71 + 10 frames (578 for the real model, 152 for the tiny config: the sliding-window
-    transformer's receptive field plus the conv stack's) and yields samples [a*U - D, b*U - D) (from 0 for
-    the first). The window is always padded to context + chunk_frames frames, so every chunk (the short
-    last one too) reuses one compiled shape; the first chunk, with no left context, compiles its own.
-    `flush` decodes the remaining frames, completing the waveform [0, T*U - D) of T frames.
-    """
+    """One streamed reply: frames in one at a time, audio out every chunk_frames frames (`VocoderStream`
+    with one row), equal to the full decode of all frames; `flush` decodes a short last chunk."""
 
     def __init__(self, params, config: OmniConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES, dtype=None):
-        self.params = params
-        self.config = config
         self.chunk_frames = check_chunk_frames(chunk_frames)
-        self.dtype = dtype
-        self.context = c2w.required_left_context(config)
-        q = config.code2wav.num_quantizers
-        self._codes = np.zeros((1, q, 64), np.int32)
+        self._stream = VocoderStream(params, config, self.chunk_frames, 1, dtype)
+        self._codes = np.zeros((config.code2wav.num_quantizers, 64), np.int32)
         self.frames = 0  # frames received
         self.decoded = 0  # frames whose samples were emitted
 
     @property
     def codes(self) -> np.ndarray:
         """Every frame received so far: [Q, frames] int32."""
-        return self._codes[0, :, :self.frames].copy()
+        return self._codes[:, :self.frames].copy()
 
     def push(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Add one frame [Q]; returns (samples, codes [Q, n]) once chunk_frames new frames are pending."""
         if self.frames == self._codes.shape[-1]:
             self._codes = np.concatenate([self._codes, np.zeros_like(self._codes)], axis=-1)
-        self._codes[0, :, self.frames] = np.asarray(frame, np.int32)
+        self._codes[:, self.frames] = np.asarray(frame, np.int32)
         self.frames += 1
-        if self.frames - self.decoded >= self.chunk_frames:
-            return self._decode(self.decoded + self.chunk_frames)
-        return None
+        return self._decode() if self.frames - self.decoded >= self.chunk_frames else None
 
     def flush(self) -> tuple[np.ndarray, np.ndarray] | None:
-        return self._decode(self.frames) if self.frames > self.decoded else None
+        return self._decode() if self.frames > self.decoded else None
 
-    def _decode(self, end: int) -> tuple[np.ndarray, np.ndarray]:
-        start = self.decoded
-        # The first chunk has nothing to its left: a context-free window (its own compiled shape) instead of
-        # context + chunk_frames frames of padding, so the first audio waits for chunk_frames frames only.
-        wav = decode_incremental(self.params, self._codes[:, :, :end], start, end, self.config,
-                                     context=self.context if start else 0, pad_frames_to=self.chunk_frames,
-                                     dtype=self.dtype)
-        self.decoded = end
-        wav = np.asarray(wav[0], np.float32)
-        if not np.isfinite(wav).all():
-            raise NumericalError("code2wav", f"audio of frames [{start}, {end})")
-        return wav, self._codes[0, :, start:end].copy()
+    def _decode(self) -> tuple[np.ndarray, np.ndarray]:
+        codes = self._codes[:, self.decoded:self.frames]
+        (wav,) = self._stream.decode([codes])
+        self.decoded = self.frames
+        return wav, codes.copy()
