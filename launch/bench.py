@@ -13,7 +13,7 @@ ratio = ours throughput / theirs throughput (> 1: we are faster), our % of the r
 With --bf16_too our phases run again in bfloat16 afterwards (transformers stays float32: no ratio there).
 
 Phases (--what): prefill, decode, talker, code2wav, e2e, audio_encoder (its own random encoder at --audio_config's
-width: the real 32 layers x 1280 by default), roofline. Definitions are in each phase function's
+width: the real 32 layers x 1280 by default), vocoder_stream (the stateful streaming Code2Wav), roofline. Definitions are in each phase function's
 docstring and in the JSON's "definitions". The roofline measures the machine first (before any model is loaded):
 memory bandwidth (copy of a --copy_mib float32 array, read + write bytes) and float32 matmul FLOP/s; decode-like
 phases get bytes of weights read per step -> roofline steps/s; prefill and Code2Wav get FLOPs -> % of matmul rate.
@@ -40,7 +40,7 @@ from tools.bench.phases import DEFINITIONS, PHASE_FNS  # noqa: E402
 from tools.bench.report import print_table  # noqa: E402
 from tools.bench.roofline import measure_machine  # noqa: E402
 
-PHASES = ("prefill", "decode", "talker", "code2wav", "e2e", "audio_encoder", "roofline")
+PHASES = ("prefill", "decode", "talker", "code2wav", "e2e", "audio_encoder", "vocoder_stream", "roofline")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "tiny | bench | path to an HF-format config.json.")
@@ -57,6 +57,10 @@ flags.DEFINE_integer("e2e_tokens", 24, "Thinker tokens in the talker and end-to-
 flags.DEFINE_integer("e2e_frames", 60, "Max talker frames in the end-to-end phase (greedy).")
 flags.DEFINE_string("prompt", "Tell me about the sea.", "Text prompt of the talker and end-to-end phases.")
 shared.define_stream_flags()
+flags.DEFINE_list("vocoder_chunks", ["1", "2", "4", "8", "25"], "Chunk sizes (frames) of the vocoder_stream phase.")
+flags.DEFINE_integer("vocoder_calls", 20, "Timed decode calls per chunk size in the vocoder_stream phase.")
+flags.DEFINE_integer("vocoder_long_chunks", 205, "Chunks of --stream_chunk frames in the vocoder_stream phase's long "
+                     "reply (chunk 5 vs chunk 200 needs >= 202).", lower_bound=1)
 flags.DEFINE_float("audio_seconds", 30.0, "Audio per call in the audio-encoder phase.")
 flags.DEFINE_string("audio_config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                                  "qwen3_omni_30b_a3b_instruct.json"),
@@ -114,6 +118,11 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restored item at INFO
     todo = _parse_what(FLAGS.what)
     batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+    from omni_jax.runtime.types import check_chunk_frames
+
+    if not all(c.strip().lstrip("-").isdigit() for c in FLAGS.vocoder_chunks):
+        raise UsageError(f"--vocoder_chunks={','.join(FLAGS.vocoder_chunks)}: give integers, e.g. 1,2,4,8,25")
+    vocoder_chunks = [check_chunk_frames(int(c), "--vocoder_chunks") for c in FLAGS.vocoder_chunks]
     if FLAGS.repeats < 1 or FLAGS.decode_tokens < 1 or FLAGS.prompt_len < 1 or any(b < 1 for b in batch_sizes):
         raise UsageError("--repeats, --decode_tokens, --prompt_len and --batch_sizes must be >= 1")
     name, cfg_path = resolve_config(FLAGS.config)
@@ -135,7 +144,8 @@ def main(argv):
         "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "dtype": FLAGS.dtype, "hf": FLAGS.hf,
         "flags": {k: FLAGS[k].value for k in ("what", "repeats", "prompt_len", "decode_prompt_len", "decode_tokens",
                                                "batch_sizes", "talker_frames", "code2wav_seconds", "e2e_tokens",
-                                               "e2e_frames", "stream_chunk", "max_len", "bf16_too", "copy_mib",
+                                               "e2e_frames", "stream_chunk", "vocoder_chunks",
+                                               "vocoder_calls", "vocoder_long_chunks", "max_len", "bf16_too", "copy_mib",
                                                "matmul_n")},
         "definitions": DEFINITIONS, "memory": {"rss_start_mib": rss_mib()},
     }
@@ -167,7 +177,8 @@ def main(argv):
                   seed=FLAGS.seed, prompt_len=FLAGS.prompt_len, decode_prompt_len=FLAGS.decode_prompt_len,
                   decode_tokens=FLAGS.decode_tokens, batch_sizes=batch_sizes, talker_frames=FLAGS.talker_frames,
                   code2wav_seconds=FLAGS.code2wav_seconds, e2e_tokens=FLAGS.e2e_tokens, e2e_frames=FLAGS.e2e_frames,
-                  stream_chunk=FLAGS.stream_chunk, eos=eos, prompt_ids=pipe.encode(FLAGS.prompt),
+                  stream_chunk=FLAGS.stream_chunk, vocoder_chunks=vocoder_chunks,
+                  vocoder_calls=FLAGS.vocoder_calls, vocoder_long_chunks=FLAGS.vocoder_long_chunks, eos=eos, prompt_ids=pipe.encode(FLAGS.prompt),
                   audio_seconds=FLAGS.audio_seconds, **_audio_config(FLAGS.audio_config))
     ctx = Ctx(pipe=pipe, hf=hf, dtype_bytes=4 if FLAGS.dtype == "float32" else 2, **common)
     report["phases"] = run_phases(ctx, todo)

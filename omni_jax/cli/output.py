@@ -10,6 +10,8 @@ from typing import IO
 
 import numpy as np
 
+from omni_jax.runtime.types import STREAM_STAGES
+
 
 def to_pcm16(audio: np.ndarray) -> bytes:
     """float [-1, 1] -> little-endian signed 16-bit PCM bytes."""
@@ -88,9 +90,7 @@ def stream_to_outputs(stream, output: str | None, sample_rate: int,
         "tokens": len(res.token_ids) if res else None, "frames": int(res.codes.shape[1]) if res else None,
         "waits": stream.stats.waits,
         # the time-to-first-audio breakdown (seconds since the stream started; the front end ran before it)
-        "breakdown": {k: res.timings.get(k) for k in ("front_end_s", "audio_encoder_s", "time_to_first_token_s",
-                                                      "talker_prefill_s", "time_to_first_frame_s",
-                                                      "time_to_first_audio_s")} if res else {},
+        "breakdown": {k: res.timings.get(k) for k in STREAM_STAGES} if res else {},
     }
     text_out.write("\n")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731

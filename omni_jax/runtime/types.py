@@ -17,6 +17,11 @@ MIN_SPEECH_TOKENS = 2
 #: the first chunk is no longer early). The default is measured: see the README's streaming section.
 MIN_CHUNK_FRAMES, MAX_CHUNK_FRAMES = 1, 25
 DEFAULT_CHUNK_FRAMES = 4
+#: A stream's time-to-first-audio marks (`Result.timings` keys, seconds on the stream's clock) in the order the
+#: stages finish: front end (before the clock starts), audio encoder, thinker first token, talker prefill
+#: (codebook 0 of frame 0), code predictor (the whole first frame), first vocoder chunk.
+STREAM_STAGES = ("front_end_s", "audio_encoder_s", "time_to_first_token_s", "talker_prefill_s",
+                 "time_to_first_frame_s", "time_to_first_audio_s")
 
 
 def check_chunk_frames(chunk_frames: int, what: str = "chunk_frames") -> int:

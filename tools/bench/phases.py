@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from omni_jax.runtime.types import STREAM_STAGES
 from tools.bench.harness import Ctx, div, med, median, run_pair, run_rounds
 from tools.bench.roofline import (RouterLog, union_list, decoder_step_params, prefill_flops,
                                   talker_frame_params)
@@ -24,7 +25,17 @@ DEFINITIONS = {
                 "code2wav.chunked_decode(chunk 300, left context 25); RTF = compute s / audio s",
     "e2e": "text prompt -> speech, greedy thinker (e2e_tokens) and talker (<= e2e_frames); theirs generate("
            "return_audio=True) (not streaming: first audio = total); ours OmniPipeline.stream (first audio chunk, "
-           "total) and OmniPipeline.generate_ids (non-streaming total); RTF = total s / audio s",
+           "total) and OmniPipeline.generate_ids (non-streaming total); RTF = total s / audio s; "
+           "stream_over_generate = streamed total / non-streaming total; ours_stream.breakdown = the stream's "
+           "time-to-first-audio marks (medians): thinker first token, talker prefill, first frame (code "
+           "predictor), first vocoder chunk",
+    "vocoder_stream": "ours: VocoderStream (stateful Code2Wav), batch 1, random codes; per chunk size in "
+                      "vocoder_chunks: median seconds of one decode call (vocoder_calls calls after a warm-up) and "
+                      "RTF = that / chunk audio s; theirs: transformers code2wav forward on 25 frames of left context "
+                      "+ the chunk (the per-chunk work of its chunked_decode). Long reply: vocoder_long_chunks chunks "
+                      "of stream_chunk frames in one stream; per-chunk time of chunk 5 and chunk 200 (medians of "
+                      "chunks k-2..k+2) and their ratio; streamed total / non-streamed OmniPipeline.vocode of the "
+                      "same frames",
     "bandwidth": "median copy rate of a copy_mib float32 array counting read + write bytes: numpy np.copyto and a "
                  "jitted jax scale (donated off-CPU); the roofline uses the larger; 'read_only' is a jitted jax sum",
     "matmul": "median rate of an n x n float32 jax matmul (2 n^3 FLOPs); torch for reference",
@@ -328,7 +339,8 @@ def phase_e2e(ctx: Ctx) -> dict:
         t0 = time.perf_counter()
         first_text = first_audio = None
         chunks, samples, last = [], 0, None
-        for ev in pipe.stream(list(ctx.prompt_ids), chunk_frames=ctx.stream_chunk, **kw):
+        stream = pipe.stream(list(ctx.prompt_ids), chunk_frames=ctx.stream_chunk, **kw)
+        for ev in stream:
             now = time.perf_counter() - t0
             if ev.token_ids and first_text is None:
                 first_text = now
@@ -341,7 +353,8 @@ def phase_e2e(ctx: Ctx) -> dict:
                 samples += len(ev.audio)
         total = time.perf_counter() - t0
         return {"s": total, "time_to_first_text_s": first_text, "time_to_first_audio_s": first_audio,
-                "audio_s": samples / pipe.sample_rate, "chunk_rtf_median": median(chunks)}
+                "audio_s": samples / pipe.sample_rate, "chunk_rtf_median": median(chunks),
+                **{f"at_{k}": v for k, v in stream.result.timings.items()}}
 
     def ours_generate():
         t0 = time.perf_counter()
@@ -372,6 +385,8 @@ def phase_e2e(ctx: Ctx) -> dict:
     rt = rt[0] if rt else []
     res["ours_stream"] = {k: med(so, k) for k in ("s", "time_to_first_text_s", "time_to_first_audio_s", "audio_s",
                                                   "chunk_rtf_median")}
+    # time to first audio stage by stage (the stream's own clock; the front end ran before it)
+    res["ours_stream"]["breakdown"] = {k: med(so, f"at_{k}") for k in STREAM_STAGES}
     res["ours_generate"] = {k: med(go, k) for k in ("s", "audio_s", "tokens", "frames", "thinker_s", "talker_s",
                                                     "code2wav_s")}
     if rt:
@@ -385,6 +400,7 @@ def phase_e2e(ctx: Ctx) -> dict:
     res["ratio"] = div(theirs_rtf, ours_rtf)
     res["first_audio_ratio"] = div(res["theirs_time_to_first_audio_s"], res["ours_time_to_first_audio_s"])
     res["first_audio_over_non_streaming_total"] = div(res["ours_time_to_first_audio_s"], res["ours_generate"]["s"])
+    res["stream_over_generate"] = div(res["ours_stream"]["s"], res["ours_generate"]["s"])
     return res
 
 
@@ -465,5 +481,74 @@ def phase_audio_encoder(ctx: Ctx) -> dict:
     return res
 
 
+def phase_vocoder_stream(ctx: Ctx) -> dict:
+    """Streaming Code2Wav: per-chunk cost by chunk size, and its independence of the audio before it."""
+    import numpy as np
+
+    from omni_jax.runtime.vocoder import VocoderStream
+
+    cfg = ctx.cfg.code2wav
+    params, dtype = ctx.pipe.params["code2wav"], ctx.pipe.dtype
+    frame_s = cfg.total_upsample / ctx.pipe.sample_rate
+    rng = np.random.default_rng(ctx.seed + 3)
+
+    def codes(frames: int):
+        return rng.integers(0, cfg.codebook_size, (cfg.num_quantizers, frames)).astype(np.int32)
+
+    def stream_times(n: int, calls: int, info: dict) -> list[float]:
+        """Seconds of each of `calls` decode calls of n frames in one fresh stream (compiles outside the list)."""
+        with ctx.compile_timer.track(info):
+            warm = VocoderStream(params, ctx.cfg, n, 1, dtype)
+            warm.decode([codes(n)])
+        stream, c, out = VocoderStream(params, ctx.cfg, n, 1, dtype), codes(n * calls), []
+        for k in range(calls):
+            t0 = time.perf_counter()
+            stream.decode([c[:, k * n:(k + 1) * n]])
+            out.append(time.perf_counter() - t0)
+        return out
+
+    res: dict = {"chunks": {}}
+    for n in ctx.vocoder_chunks:
+        row: dict = {"frames": n, "audio_s": n * frame_s}
+        times = stream_times(n, ctx.vocoder_calls, row)
+        row["ours_s"] = median(times)
+        if ctx.hf is not None:
+            import torch
+
+            window = torch.tensor(codes(25 + n)[None], dtype=torch.long)
+
+            def theirs():
+                with torch.inference_mode():
+                    ctx.hf.code2wav(window)
+
+            theirs()
+            row["theirs_s"] = median([_timed(theirs) for _ in range(ctx.vocoder_calls)])
+        row["ours_rtf"] = div(row["ours_s"], row["audio_s"])
+        row["theirs_rtf"] = div(row.get("theirs_s"), row["audio_s"])
+        row["ratio"] = div(row.get("theirs_s"), row["ours_s"])
+        res["chunks"][str(n)] = row
+
+    n, k = ctx.stream_chunk, ctx.vocoder_long_chunks
+    long = {"chunk_frames": n, "chunks": k, "audio_s": n * k * frame_s}
+    times = stream_times(n, k, long)
+    at = {c: median(times[c - 3:c + 2]) for c in (5, 200) if c + 2 <= k}  # chunk c is times[c - 1]
+    long["chunk5_s"], long["chunk200_s"] = at.get(5), at.get(200)
+    long["chunk200_over_chunk5"] = div(at.get(200), at.get(5))
+    long["stream_total_s"] = sum(times)
+    full = codes(n * k)[None]
+    ctx.pipe.vocode(full, [n * k])  # warm-up (compiles)
+    long["vocode_s"] = _timed(lambda: ctx.pipe.vocode(full, [n * k]))
+    long["stream_over_vocode"] = div(long["stream_total_s"], long["vocode_s"])
+    res["long"] = long
+    return res
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 PHASE_FNS = {"prefill": phase_prefill, "decode": phase_decode, "talker": phase_talker,
-             "code2wav": phase_code2wav, "e2e": phase_e2e, "audio_encoder": phase_audio_encoder}
+             "code2wav": phase_code2wav, "e2e": phase_e2e, "audio_encoder": phase_audio_encoder,
+             "vocoder_stream": phase_vocoder_stream}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 
-
-
 def _fmt(v, unit: str = "") -> str:
     if v is None:
         return "n/a"
@@ -45,7 +43,30 @@ def table_rows(phases: dict) -> list[tuple]:
         rows.append(("e2e first audio s", e["ours_time_to_first_audio_s"], e["theirs_time_to_first_audio_s"],
                      e["first_audio_ratio"], None, None))
         rows.append(("e2e total RTF", e["ours_rtf"], e["theirs_rtf"], e["ratio"], None, None))
+    v = phases.get("vocoder_stream")
+    if v:
+        for n, r in v["chunks"].items():
+            rows.append((f"vocoder {n}-frame chunk s", r["ours_s"], r.get("theirs_s"), r.get("ratio"), None, None))
+
     return rows
+
+
+def streaming_lines(phases: dict) -> list[str]:
+    """Our streamed path against our own non-streaming one (transformers has no streaming to compare with)."""
+    out = []
+    e = phases.get("e2e")
+    if e:
+        b = e["ours_stream"].get("breakdown") or {}
+        out.append(f"stream total {_fmt(e['ours_stream']['s'])} s / generate {_fmt(e['ours_generate']['s'])} s = "
+                   f"{_fmt(e['stream_over_generate'])}; first audio at: " + ", ".join(
+                       f"{k.removesuffix('_s')} {_fmt(v)}" for k, v in b.items() if v is not None))
+    v = phases.get("vocoder_stream")
+    if v:
+        lg = v["long"]
+        out.append(f"vocoder long stream ({lg['chunks']} chunks of {lg['chunk_frames']}): chunk 5 "
+                   f"{_fmt(lg['chunk5_s'])} s, chunk 200 {_fmt(lg['chunk200_s'])} s, ratio "
+                   f"{_fmt(lg['chunk200_over_chunk5'])}; stream total / vocode {_fmt(lg['stream_over_vocode'])}")
+    return out
 
 
 def print_table(title: str, phases: dict) -> None:
@@ -54,6 +75,8 @@ def print_table(title: str, phases: dict) -> None:
     print(f"{head[0]:<22}{head[1]:>12}{head[2]:>12}{head[3]:>9}{head[4]:>12}{head[5]:>12}")
     for name, ours, theirs, ratio, pct, target in table_rows(phases):
         print(f"{name:<22}{_fmt(ours):>12}{_fmt(theirs):>12}{_fmt(ratio):>9}{_fmt(pct):>12}{_fmt(target):>12}")
+    for line in streaming_lines(phases):
+        print(line)
     compile_s = {k: v.get("compile_s") for k, v in phases.items() if isinstance(v, dict) and "compile_s" in v}
     for k, v in phases.get("decode", {}).items():
         if k.startswith("batch"):
