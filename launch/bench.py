@@ -13,8 +13,8 @@ ratio = ours throughput / theirs throughput (> 1: we are faster), our % of the r
 With --bf16_too our phases run again in bfloat16 afterwards (transformers stays float32: no ratio there).
 
 Phases (--what): prefill, decode, talker, code2wav, e2e, audio_encoder (its own random encoder at --audio_config's
-width: the real 32 layers x 1280 by default), vocoder_stream (the stateful streaming Code2Wav), roofline. Definitions are in each phase function's
-docstring and in the JSON's "definitions". The roofline measures the machine first (before any model is loaded):
+width: the real 32 layers x 1280 by default), vocoder_stream (the stateful streaming Code2Wav), roofline.
+Definitions are in each phase function's docstring and in the JSON's "definitions". The roofline measures the machine first (before any model is loaded):
 memory bandwidth (copy of a --copy_mib float32 array, read + write bytes) and float32 matmul FLOP/s; decode-like
 phases get bytes of weights read per step -> roofline steps/s; prefill and Code2Wav get FLOPs -> % of matmul rate.
 """
@@ -55,6 +55,8 @@ flags.DEFINE_integer("talker_frames", 60, "Talker frames (80 ms each) per run of
 flags.DEFINE_float("code2wav_seconds", 10.0, "Seconds of audio decoded in the Code2Wav phase (random codes).")
 flags.DEFINE_integer("e2e_tokens", 24, "Thinker tokens in the talker and end-to-end phases (greedy).")
 flags.DEFINE_integer("e2e_frames", 60, "Max talker frames in the end-to-end phase (greedy).")
+flags.DEFINE_float("e2e_audio_seconds", 5.0, "Seconds of synthetic audio in the e2e phase's spoken question (its "
+                   "first-audio breakdown; 0: skip it).", lower_bound=0.0)
 flags.DEFINE_string("prompt", "Tell me about the sea.", "Text prompt of the talker and end-to-end phases.")
 shared.define_stream_flags()
 flags.DEFINE_list("vocoder_chunks", ["1", "2", "4", "8", "25"], "Chunk sizes (frames) of the vocoder_stream phase.")
@@ -144,9 +146,10 @@ def main(argv):
         "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "dtype": FLAGS.dtype, "hf": FLAGS.hf,
         "flags": {k: FLAGS[k].value for k in ("what", "repeats", "prompt_len", "decode_prompt_len", "decode_tokens",
                                                "batch_sizes", "talker_frames", "code2wav_seconds", "e2e_tokens",
-                                               "e2e_frames", "stream_chunk", "vocoder_chunks",
-                                               "vocoder_calls", "vocoder_long_chunks", "max_len", "bf16_too", "copy_mib",
-                                               "matmul_n")},
+                                               "e2e_frames", "e2e_audio_seconds", "stream_chunk", "stream_first_chunk",
+                                               "vocoder_chunks",
+                                               "vocoder_calls", "vocoder_long_chunks", "max_len", "bf16_too",
+                                               "copy_mib", "matmul_n")},
         "definitions": DEFINITIONS, "memory": {"rss_start_mib": rss_mib()},
     }
     machine = None
@@ -177,8 +180,11 @@ def main(argv):
                   seed=FLAGS.seed, prompt_len=FLAGS.prompt_len, decode_prompt_len=FLAGS.decode_prompt_len,
                   decode_tokens=FLAGS.decode_tokens, batch_sizes=batch_sizes, talker_frames=FLAGS.talker_frames,
                   code2wav_seconds=FLAGS.code2wav_seconds, e2e_tokens=FLAGS.e2e_tokens, e2e_frames=FLAGS.e2e_frames,
-                  stream_chunk=FLAGS.stream_chunk, vocoder_chunks=vocoder_chunks,
-                  vocoder_calls=FLAGS.vocoder_calls, vocoder_long_chunks=FLAGS.vocoder_long_chunks, eos=eos, prompt_ids=pipe.encode(FLAGS.prompt),
+                  e2e_audio_seconds=FLAGS.e2e_audio_seconds, prompt=FLAGS.prompt,
+                  stream_chunk=FLAGS.stream_chunk, stream_first_chunk=FLAGS.stream_first_chunk,
+                  vocoder_chunks=vocoder_chunks,
+                  vocoder_calls=FLAGS.vocoder_calls, vocoder_long_chunks=FLAGS.vocoder_long_chunks, eos=eos,
+                  prompt_ids=pipe.encode(FLAGS.prompt),
                   audio_seconds=FLAGS.audio_seconds, **_audio_config(FLAGS.audio_config))
     ctx = Ctx(pipe=pipe, hf=hf, dtype_bytes=4 if FLAGS.dtype == "float32" else 2, **common)
     report["phases"] = run_phases(ctx, todo)

@@ -292,7 +292,8 @@ def _stream(pipe, samplings, prompt: list[int], audio, front_end_s: float) -> No
     text, talker = samplings
     stream = pipe.stream(prompt, speaker=FLAGS.speaker, max_new_tokens=FLAGS.max_new_tokens,
                          talker_max_new_tokens=FLAGS.talker_max_new_tokens, sampling=text, talker_sampling=talker,
-                         seed=FLAGS.seed, chunk_frames=FLAGS.stream_chunk, audio=list(audio))
+                         seed=FLAGS.seed, chunk_frames=FLAGS.stream_chunk,
+                         first_chunk_frames=FLAGS.stream_first_chunk, audio=list(audio))
     stream.front_end_s = front_end_s  # the features were made before the weights loaded
     stream_to_outputs(stream, FLAGS.output or None, pipe.sample_rate, text_out=log)
     if FLAGS.output and FLAGS.output != "-":

@@ -302,6 +302,10 @@ def parse_config(tree: Mapping[str, Any]) -> OmniConfig:
         audio=(AudioEncoderConfig.from_hf(_sub(th, "audio_config", "thinker_config"), "thinker_config.audio_config")
                if "audio_config" in th else None),
     )
+    if thinker.audio is not None:  # the encoder's rows replace token embeddings
+        _check(thinker.audio.output_dim == th_text.hidden_size, "thinker_config.audio_config.output_dim",
+               f"must equal thinker_config.text_config.hidden_size={th_text.hidden_size} (the encoder's rows replace "
+               f"token embeddings), got {thinker.audio.output_dim}")
     tk = _sub(tree, "talker_config", "")
     tk_text = DecoderConfig.from_hf(_sub(tk, "text_config", "talker_config"), "talker_config.text_config", moe=True, always_sparse=True)
     cp = DecoderConfig.from_hf(

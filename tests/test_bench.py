@@ -18,12 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (conftest.TINY_MAX_LEN), so their compiled programs are persistent-cache hits here.
 GROUPS = {
     "lm": ("roofline,prefill,decode", ("prefill tok/s", "decode b1 tok/s", "decode b2 tok/s")),
-    "speech": ("roofline,talker,code2wav,e2e,audio_encoder", ("talker+cp frames/s", "code2wav RTF", "e2e first audio s",
-                                                             "e2e total RTF", "audio encoder 1.5 s (s)")),
+    "speech": ("roofline,talker,code2wav,e2e,audio_encoder,vocoder_stream",
+               ("talker+cp frames/s", "code2wav RTF", "e2e first audio s", "e2e total RTF", "audio encoder 1.5 s (s)",
+                "vocoder 1-frame chunk s", "vocoder 4-frame chunk s")),
 }
 TINY = ["--config=tiny", "--repeats=1", "--prompt_len=16", "--decode_prompt_len=8", "--decode_tokens=8",
         "--batch_sizes=1,2", "--talker_frames=4", "--code2wav_seconds=0.5", "--e2e_tokens=4", "--e2e_frames=4",
-        "--max_len=128", "--copy_mib=4", "--matmul_n=128", "--nobf16_too", "--audio_seconds=1.5",
+        "--max_len=128", "--vocoder_chunks=1,4", "--vocoder_calls=2", "--vocoder_long_chunks=8", "--copy_mib=4",
+        "--matmul_n=128", "--nobf16_too", "--audio_seconds=1.5", "--e2e_audio_seconds=1",
         f"--audio_config={os.path.join(ROOT, 'configs', 'tiny.json')}"]
 
 
@@ -66,6 +68,18 @@ def test_bench_tiny_runs_and_reports_ratios(group, work_dir, tmp_path):
         _positive([ph["talker"]["ours_frames_per_s"], ph["talker"]["theirs_frames_per_s"],
                    ph["code2wav"]["ours_rtf"], ph["code2wav"]["theirs_rtf"], ph["code2wav"]["flops"],
                    ph["e2e"]["ours_rtf"], ph["e2e"]["theirs_rtf"], ph["e2e"]["ours_time_to_first_audio_s"]])
+        e, v = ph["e2e"], ph["vocoder_stream"]
+        b = e["ours_stream"]["breakdown"]  # a text prompt: no audio encoder, a front end of ~0 s
+        _positive([e["stream_over_generate"], *(b[k] for k in ("time_to_first_token_s", "talker_prefill_s",
+                                                                "time_to_first_frame_s", "time_to_first_audio_s")),
+                   v["long"]["chunk5_s"], v["long"]["stream_over_vocode"]]
+                  + [r[k] for r in v["chunks"].values() for k in ("ours_s", "theirs_s", "ratio")])
+        sp = e["ours_spoken_stream"]["breakdown"]  # 1 s of audio: the front end and encoder run before the thinker
+        _positive([sp["front_end_s"], sp["audio_encoder_s"]])
+        assert sp["audio_encoder_s"] < sp["time_to_first_token_s"] < sp["time_to_first_audio_s"]
+        assert "spoken question (1 s of audio): first audio" in proc.stdout
+        assert v["long"]["chunk200_s"] is None  # 8 chunks: too short to have a chunk 200, and says so
+        assert "vocoder long stream (8 chunks of 4): chunk 5" in proc.stdout
         a = ph["audio_encoder"]
         _positive([a["ours_s"], a["theirs_s"], a["ratio"], a["flops"], a["ours_roofline_pct"]])
         assert a["rows"] == 13 + 7 and a["layers"] == 1  # 150 frames; the tiny tower

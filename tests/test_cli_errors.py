@@ -72,6 +72,8 @@ CASES = {
     "stream_chunk_zero": (INFER, ["--prompt=hi", "--stream", "--stream_chunk=0"], 2, "flag --stream_chunk=0", None),
     "stream_chunk_negative": (INFER, ["--prompt=hi", "--stream", "--stream_chunk=-2"], 2, "flag --stream_chunk=-2",
                               None),
+    "stream_first_chunk_over_max": (INFER, ["--prompt=hi", "--stream", "--stream_first_chunk=30"], 2,
+                                    "flag --stream_first_chunk=30: 30 is not an integer in the range [1, 25]", None),
     "stream_chunk_over_max": (INFER, ["--prompt=hi", "--stream", "--stream_chunk=26"], 2,
                               "flag --stream_chunk=26: 26 is not an integer in the range [1, 25]", None),
     # --- flags absl rejects (absl alone would exit 1)

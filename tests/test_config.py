@@ -53,6 +53,7 @@ def _tiny():
         (lambda c: c["talker_config"].update(thinker_hidden_size=32), "talker_config.thinker_hidden_size"),
         (lambda c: c["thinker_config"]["text_config"].update(mlp_only_layers=[7]),
          "thinker_config.text_config.mlp_only_layers"),
+        (lambda c: c["thinker_config"]["audio_config"].update(output_dim=32), "thinker_config.audio_config.output_dim"),
     ],
 )
 def test_bad_config_names_the_key(mutate, key):

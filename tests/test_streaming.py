@@ -47,7 +47,9 @@ def _check_equal(pipe, ref, stream, events, chunk):
     np.testing.assert_array_equal(res.codes, ref.codes)
     audio = [e for e in events if e.audio is not None]
     np.testing.assert_array_equal(np.concatenate([e.codes for e in audio], axis=1), ref.codes)
-    assert all(e.frames == chunk for e in audio[:-1]) and 1 <= audio[-1].frames <= chunk
+    sizes = [e.frames for e in audio]  # a small first chunk (1 frame by default), then chunks of `chunk`
+    assert sizes[0] == min(stream.first_chunk_frames, ref.codes.shape[1])
+    assert all(n == chunk for n in sizes[1:-1]) and 1 <= sizes[-1] <= chunk
     frames = ref.codes.shape[1]
     full = np.asarray(vocoder.code2wav(pipe.params["code2wav"], ref.codes[None], pipe.config))[0]
     assert res.wav.shape == full.shape == ref.wav.shape == (c2w.wav_length(pipe.config, frames),)
@@ -108,7 +110,7 @@ def test_talker_catches_up_and_waits(pipe):
     # the first audio chunk came out while the thinker was still writing, long before its last token
     first_audio = next(i for i, e in enumerate(events) if e.audio is not None)
     later_tokens = sum(len(e.token_ids) for e in events[first_audio:])
-    assert later_tokens >= len(ref.token_ids) - chunk - 2
+    assert later_tokens >= len(ref.token_ids) - stream.first_chunk_frames - 2
 
 
 def test_sampled_matches_generate(pipe):
@@ -117,7 +119,7 @@ def test_sampled_matches_generate(pipe):
 
     kw = dict(max_new_tokens=6, talker_max_new_tokens=15, sampling=SamplingParams(0.8, 20, 0.9, 1.1), seed=3)
     (ref,) = pipe.generate_ids([pipe.encode(PROMPT)], "chelsie", **kw)
-    stream = pipe.stream(PROMPT, speaker="chelsie", chunk_frames=5, **kw)
+    stream = pipe.stream(PROMPT, speaker="chelsie", chunk_frames=5, first_chunk_frames=5, **kw)
     events = list(stream)
     _check_equal(pipe, ref, stream, events, 5)
 

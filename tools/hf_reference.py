@@ -48,6 +48,9 @@ def hf_config_dict(cfg: dict, vocab_size: int | None = 1024) -> dict:
     if vocab_size is not None:
         cfg["thinker_config"]["text_config"]["vocab_size"] = vocab_size
     cfg["thinker_config"].update(copy.deepcopy(TINY_TOWERS))
+    hidden = cfg["thinker_config"]["text_config"]["hidden_size"]  # tiny towers, but projecting to the thinker's width
+    cfg["thinker_config"]["audio_config"]["output_dim"] = hidden
+    cfg["thinker_config"]["vision_config"]["out_hidden_size"] = hidden
     cfg["talker_config"].setdefault("spatial_merge_size", 2)
     return cfg
 
@@ -91,8 +94,21 @@ def read_safetensors(hf_dir: str) -> Iterator[tuple[str, np.ndarray]]:
                     yield key, f.get_tensor(key)
 
 
-def hf_dir_complete(hf_dir: str) -> bool:
-    return os.path.isfile(os.path.join(hf_dir, HF_COMPLETE_MARKER))
+def _fingerprint(cfg: dict, seed: int) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([cfg, seed], sort_keys=True).encode()).hexdigest()
+
+
+def hf_dir_complete(hf_dir: str, cfg: dict | None = None, seed: int = 0) -> bool:
+    """hf_dir holds a complete checkpoint (of this config and seed, when cfg is given)."""
+    path = os.path.join(hf_dir, HF_COMPLETE_MARKER)
+    if not os.path.isfile(path):
+        return False
+    if cfg is None:
+        return True
+    with open(path) as f:
+        return json.load(f).get("fingerprint") == _fingerprint(cfg, seed)
 
 
 def write_hf_checkpoint(cfg: dict, hf_dir: str, seed: int = 0) -> str:
@@ -106,7 +122,7 @@ def write_hf_checkpoint(cfg: dict, hf_dir: str, seed: int = 0) -> str:
     del model
     gc.collect()
     with open(os.path.join(hf_dir, HF_COMPLETE_MARKER), "w") as f:
-        json.dump({"seed": seed}, f)
+        json.dump({"seed": seed, "fingerprint": _fingerprint(cfg, seed)}, f)
     return hf_dir
 
 
@@ -114,12 +130,12 @@ def ensure_hf_checkpoint(cfg: dict, hf_dir: str, seed: int = 0, *, subprocess: b
     """Write the random HF checkpoint unless hf_dir already holds a complete one. Returns True if it was built.
 
     subprocess: build in a spawned child, so the parent's peak memory never includes the builder's copy."""
-    if hf_dir_complete(hf_dir):
+    if hf_dir_complete(hf_dir, cfg, seed):
         return False
     if os.path.isdir(hf_dir):
         import shutil
 
-        shutil.rmtree(hf_dir)  # a dir without the marker is a killed run's leftover
+        shutil.rmtree(hf_dir)  # a killed run's leftover (no marker), or another config's or seed's
     if not subprocess:
         write_hf_checkpoint(cfg, hf_dir, seed)
         return True

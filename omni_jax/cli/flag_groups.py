@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from absl import flags
 
 from omni_jax.errors import UsageError
-from omni_jax.runtime.types import DEFAULT_CHUNK_FRAMES, MAX_CHUNK_FRAMES, MIN_CHUNK_FRAMES
+from omni_jax.runtime.types import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, MAX_CHUNK_FRAMES, MIN_CHUNK_FRAMES
 
 FLAGS = flags.FLAGS
 
@@ -61,10 +61,15 @@ def define_sampling_flags() -> None:
 
 
 def define_stream_flags() -> None:
-    """--stream_chunk, range-checked by absl at parse time (a usage error before anything loads)."""
+    """--stream_chunk / --stream_first_chunk, range-checked by absl at parse time (a usage error before anything
+    loads)."""
+    bounds = dict(lower_bound=MIN_CHUNK_FRAMES, upper_bound=MAX_CHUNK_FRAMES)
     flags.DEFINE_integer("stream_chunk", DEFAULT_CHUNK_FRAMES,
                          f"Codec frames (80 ms each) per streamed audio chunk, {MIN_CHUNK_FRAMES}..{MAX_CHUNK_FRAMES}; "
-                         "1 streams 80 ms packets.", lower_bound=MIN_CHUNK_FRAMES, upper_bound=MAX_CHUNK_FRAMES)
+                         "1 streams 80 ms packets.", **bounds)
+    flags.DEFINE_integer("stream_first_chunk", DEFAULT_FIRST_CHUNK_FRAMES,
+                         "Codec frames in a stream's first audio chunk (then --stream_chunk each): 1 gives the "
+                         "earliest first audio.", **bounds)
 
 
 def sampling_values(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

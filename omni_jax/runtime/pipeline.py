@@ -244,6 +244,6 @@ class OmniPipeline:
         arrive, audio chunks of `chunk_frames` codec frames while the thinker is still writing); same tokens,
         frames and (up to float order) waveform as `generate`. A str/Request gets the chat template; a list of
         ints is used as exact prompt ids. options: `SpeechStream`'s (speaker, max_new_tokens,
-        talker_max_new_tokens, sampling, talker_sampling, seed, chunk_frames, eos_ids). After exhaustion
-        `.result` is the `Result`, `.stats` the schedule."""
+        talker_max_new_tokens, sampling, talker_sampling, seed, chunk_frames, first_chunk_frames, eos_ids).
+        After exhaustion `.result` is the `Result`, `.stats` the schedule."""
         return SpeechStream(self, prompt_or_request, **options)

@@ -10,13 +10,15 @@ loop interleaves the three, using the same compiled functions as the non-streami
     feeds it to the thinker), then tts_pad forever. So column s is known as soon as token s+1 exists.
     The talker prompt itself needs only the prompt and generated token 0, so the talker starts right
     after the thinker's prefill.
-  * Code2Wav: one `vocoder.stream_step` per `chunk_frames` new frames (`vocoder.AudioChunker`), from a carried
-    state, so every chunk costs the same however long the reply has been.
+  * Code2Wav: one `vocoder.stream_step` for the first `first_chunk_frames` frames (1 by default: the first
+    audio leaves one frame after the talker starts), then one per `chunk_frames` new frames
+    (`vocoder.AudioChunker`), from a carried state, so every chunk costs the same however long the reply
+    has been.
 
 Schedule (talker first): the talker takes its next frame whenever its column is available; when it has
 caught up with the thinker (column s needs token s+1, not generated yet) the scheduler *waits*, i.e.
 runs one thinker step, and every new token is emitted as a text delta at once. While the text lasts
-this alternates thinker step / talker frame, so the first audio chunk needs only chunk_frames + 1
+this alternates thinker step / talker frame, so the first audio chunk needs only first_chunk_frames + 1
 tokens; once the thinker is done the talker runs alone, and once the talker is done (codec EOS or
 budget) the thinker finishes its text. `SpeechStream.stats` counts and logs every decision.
 
@@ -29,7 +31,7 @@ streaming keeps equalling the exact full decode.
 
 Compiles: the thinker prefill/decode step and talker prefill are the non-streaming path's; the talker
 step compiles once more for a one-column trailing (see `_ColumnSource`); Code2Wav compiles one stream
-step per chunk size (a short last chunk is padded to it).
+step per chunk size (the first chunk's and the later chunks'; a short last chunk is padded to its size).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from omni_jax.runtime.sampling import SamplingParams, TalkerSampling
 from omni_jax.runtime.talker_engine import check_finite as check_talker_finite
 from omni_jax.runtime.talker_inputs import tts_token_ids
 from omni_jax.runtime.thinker_engine import check_finite as check_thinker_finite
-from omni_jax.runtime.types import DEFAULT_CHUNK_FRAMES, Request, Result, StreamEvent, check_chunk_frames
+from omni_jax.runtime.types import (DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, Request, Result, StreamEvent,
+                                    check_chunk_frames)
 from omni_jax.runtime.vocoder import AudioChunker
 
 
@@ -158,11 +161,14 @@ class SpeechStream:
         talker_sampling: TalkerSampling | None = None,
         seed: int = 0,
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+        first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
         eos_ids: Sequence[int] | None = None,
         audio: Sequence[np.ndarray] | None = None,
     ):
         if not pipe.has_speech:
             raise UsageError("this checkpoint has no talker/code2wav weights; streaming speech needs them")
+        self.chunk_frames = check_chunk_frames(chunk_frames)  # before the prompt is rendered or audio read
+        self.first_chunk_frames = check_chunk_frames(first_chunk_frames, "first_chunk_frames")
         if isinstance(prompt_or_request, str):
             prompt_or_request = Request(prompt=prompt_or_request)
         t_front = time.perf_counter()
@@ -185,7 +191,6 @@ class SpeechStream:
         self.sampling = sampling or SamplingParams.greedy()
         self.talker_sampling = talker_sampling or TalkerSampling()
         self.seed = int(seed)
-        self.chunk_frames = check_chunk_frames(chunk_frames)
         self.eos = tuple(int(e) for e in (pipe.tokenizer.eos_token_ids if eos_ids is None else eos_ids))
         self.stats = StreamStats()
         self.result = None
@@ -243,7 +248,8 @@ class SpeechStream:
                 talker, cols, tstate = self._start_talker(state, tokens[0])
                 jax.block_until_ready(tstate)
                 timings["talker_prefill_s"] = now()  # the talker prompt's prefill: codebook 0 of frame 0
-                chunker = AudioChunker(pipe.params["code2wav"], pipe.config, self.chunk_frames, pipe.dtype)
+                chunker = AudioChunker(pipe.params["code2wav"], pipe.config, self.chunk_frames, pipe.dtype,
+                                       self.first_chunk_frames)
             wav_parts: list[np.ndarray] = []
             talker_done = (talker is None or self.talker_max_new_tokens <= 1
                            or bool(np.asarray(tstate.done)[0]))

@@ -17,6 +17,8 @@ MIN_SPEECH_TOKENS = 2
 #: the first chunk is no longer early). The default is measured: see the README's streaming section.
 MIN_CHUNK_FRAMES, MAX_CHUNK_FRAMES = 1, 25
 DEFAULT_CHUNK_FRAMES = 4
+#: The first chunk of a stream: one frame, so the first audio waits for one frame and one small vocoder step.
+DEFAULT_FIRST_CHUNK_FRAMES = 1
 #: A stream's time-to-first-audio marks (`Result.timings` keys, seconds on the stream's clock) in the order the
 #: stages finish: front end (before the clock starts), audio encoder, thinker first token, talker prefill
 #: (codebook 0 of frame 0), code predictor (the whole first frame), first vocoder chunk.

@@ -189,9 +189,11 @@ class VocoderState:
     frames: jax.Array  # [B] int32
 
 
-#: (config, batch, dtype, param dtype) -> the state cache's shapes: tracing the model for them costs 0.3 s at
-#: the tiny config, which would otherwise sit on every stream's time to first audio.
-_STATE_SHAPES: dict[tuple, Any] = {}
+#: (config, batch, dtype, param dtype) -> a compiled maker of the zero state. Tracing the model for the cache's
+#: shapes costs 0.3 s at the tiny config, which would otherwise sit on every stream's time to first audio. The
+#: zeros are committed to the params' devices like the step's own (donated) outputs: uncommitted zeros gave
+#: the step's second call a second compile (2.0 s at real width).
+_ZERO_STATE: dict[tuple, Any] = {}
 
 
 def init_stream(params: Any, config: OmniConfig | Code2WavConfig, batch: int, dtype=None) -> VocoderState:
@@ -199,13 +201,18 @@ def init_stream(params: Any, config: OmniConfig | Code2WavConfig, batch: int, dt
     cfg = as_code2wav_config(config)
     model = _model(params, cfg, dtype)
     key = (cfg, int(batch), jnp.dtype(model.dtype), jnp.dtype(model.param_dtype))
-    if key not in _STATE_SHAPES:
+    if key not in _ZERO_STATE:
         codes = jnp.zeros((batch, cfg.num_quantizers, 1), jnp.int32)
         positions = jnp.zeros((batch, 1), jnp.int32)
-        _STATE_SHAPES[key] = jax.eval_shape(
+        shapes = jax.eval_shape(
             lambda p: model.apply({"params": p}, codes, positions, mutable=["cache"])[1]["cache"], params)
-    cache = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), _STATE_SHAPES[key])
-    return VocoderState(cache=cache, frames=jnp.zeros((batch,), jnp.int32))
+        _ZERO_STATE[key] = jax.jit(lambda anchor: VocoderState(
+            cache=jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
+            frames=jnp.zeros((batch,), jnp.int32)))
+    anchor = params["code_embedding"]["embedding"]
+    state = _ZERO_STATE[key](anchor)
+    devices = anchor.devices()
+    return jax.device_put(state, next(iter(devices))) if len(devices) == 1 else state
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("state",))
@@ -241,11 +248,13 @@ def stream_step(params: Any, state: VocoderState, codes: jax.Array, config: Omni
 
 
 class VocoderStream:
-    """Rows of streamed audio over one `VocoderState`: each `decode` call feeds up to chunk_frames new
-    frames per row and returns each row's final samples, equal to the full decode of that row's frames.
+    """Rows of streamed audio over one `VocoderState`: each `decode` call feeds up to `width` (default
+    chunk_frames) new frames per row and returns each row's final samples, equal to the full decode of
+    that row's frames.
 
-    A short chunk (a reply that ended mid-chunk) is padded to chunk_frames with code 0 and cut to its
-    frames' samples, so every call reuses the one compiled (batch, chunk_frames) step.
+    A short chunk (a reply that ended mid-chunk) is padded to the width with code 0 and cut to its
+    frames' samples, so every call reuses the one compiled (batch, width) step; the state is the same for
+    every width (a small first chunk, then larger ones, share it).
     """
 
     def __init__(self, params, config: OmniConfig | Code2WavConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
@@ -255,6 +264,7 @@ class VocoderStream:
         self.dtype = dtype
         self.state = init_stream(params, self.config, batch, dtype)
         self.frames = np.zeros((batch,), np.int64)  # host copy of state.frames for active rows
+        self.ended = np.zeros((batch,), bool)  # rows whose last chunk was short (padded): reset before reuse
         self.u, self.d = self.config.total_upsample, c2w.delay_samples(self.config)
 
     @property
@@ -265,16 +275,18 @@ class VocoderStream:
         """Start new streams in these rows (a freed slot taking a new reply)."""
         rows = np.asarray(rows, np.int64)
         self.frames[rows] = 0
+        self.ended[rows] = False
         self.state = self.state.replace(frames=self.state.frames.at[rows].set(0))
 
-    def decode(self, codes: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
-        """codes[b]: row b's next [Q, r] frames (1 <= r <= chunk_frames), or None to leave the row as it is.
+    def decode(self, codes: Sequence[np.ndarray | None], width: int | None = None) -> list[np.ndarray | None]:
+        """codes[b]: row b's next [Q, r] frames (1 <= r <= width), or None to leave the row as it is.
 
-        Returns row b's new samples (float32; None where codes[b] is None). A row given r < chunk_frames
-        frames has ended: reset it before streaming into it again."""
+        Returns row b's new samples (float32; None where codes[b] is None). A row given r < width frames
+        has ended: reset it before streaming into it again."""
         if len(codes) != self.batch:
             raise ValueError(f"decode: got codes for {len(codes)} rows, the stream has {self.batch}")
-        q, n = self.config.num_quantizers, self.chunk_frames
+        q = self.config.num_quantizers
+        n = self.chunk_frames if width is None else check_chunk_frames(width, "width")
         window = np.zeros((self.batch, q, n), np.int32)
         counts = np.zeros((self.batch,), np.int64)
         for b, c in enumerate(codes):
@@ -283,6 +295,9 @@ class VocoderStream:
             c = np.asarray(c, np.int32)
             if c.ndim != 2 or c.shape[0] != q or not 1 <= c.shape[1] <= n:
                 raise ValueError(f"decode: row {b} needs codes [{q}, 1..{n}], got shape {c.shape}")
+            if self.ended[b]:
+                raise ValueError(f"decode: row {b} ended with a short chunk (its padding is in the state); "
+                                 "reset it before streaming a new reply into it")
             window[b, :, :c.shape[1]] = c
             counts[b] = c.shape[1]
         active = counts > 0
@@ -300,15 +315,21 @@ class VocoderStream:
                 raise NumericalError("code2wav", f"audio of row {b}, frames [{f}, {f + int(counts[b])})")
             out.append(piece.copy())
             self.frames[b] += n
+            self.ended[b] = counts[b] < n
         return out
 
 
 class AudioChunker:
-    """One streamed reply: frames in one at a time, audio out every chunk_frames frames (`VocoderStream`
-    with one row), equal to the full decode of all frames; `flush` decodes a short last chunk."""
+    """One streamed reply: frames in one at a time, audio out after the first `first_chunk_frames` frames
+    and then every chunk_frames frames (`VocoderStream` with one row), equal to the full decode of all
+    frames; `flush` decodes a short last chunk. A small first chunk puts the first audio one talker frame
+    and one small vocoder step after the first frame; larger later chunks cost less per second of audio."""
 
-    def __init__(self, params, config: OmniConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES, dtype=None):
+    def __init__(self, params, config: OmniConfig, chunk_frames: int = DEFAULT_CHUNK_FRAMES, dtype=None,
+                 first_chunk_frames: int | None = None):
         self.chunk_frames = check_chunk_frames(chunk_frames)
+        self.first_chunk_frames = (self.chunk_frames if first_chunk_frames is None
+                                   else check_chunk_frames(first_chunk_frames, "first_chunk_frames"))
         self._stream = VocoderStream(params, config, self.chunk_frames, 1, dtype)
         self._codes = np.zeros((config.code2wav.num_quantizers, 64), np.int32)
         self.frames = 0  # frames received
@@ -325,13 +346,16 @@ class AudioChunker:
             self._codes = np.concatenate([self._codes, np.zeros_like(self._codes)], axis=-1)
         self._codes[:, self.frames] = np.asarray(frame, np.int32)
         self.frames += 1
-        return self._decode() if self.frames - self.decoded >= self.chunk_frames else None
+        return self._decode() if self.frames - self.decoded >= self._width() else None
 
     def flush(self) -> tuple[np.ndarray, np.ndarray] | None:
         return self._decode() if self.frames > self.decoded else None
 
+    def _width(self) -> int:
+        return self.first_chunk_frames if self.decoded == 0 else self.chunk_frames
+
     def _decode(self) -> tuple[np.ndarray, np.ndarray]:
         codes = self._codes[:, self.decoded:self.frames]
-        (wav,) = self._stream.decode([codes])
+        (wav,) = self._stream.decode([codes], self._width())
         self.decoded = self.frames
         return wav, codes.copy()

@@ -41,6 +41,10 @@ def prepare_checkpoints(cfg_dict: dict, work_dir: str, seed: int) -> tuple[str, 
     # Big models are built in a child process: only its exit reliably returns torch's memory before the loads.
     info["hf_built"] = hf_reference.ensure_hf_checkpoint(hf_cfg, hf_dir, seed, subprocess=size > 2 * 10**8)
     info["hf_build_s"] = time.perf_counter() - t0
+    if info["hf_built"] and os.path.isdir(ckpt_dir):
+        import shutil
+
+        shutil.rmtree(ckpt_dir)  # converted from the checkpoint just replaced
     info["converted"] = not os.path.isdir(ckpt_dir)  # convert_checkpoint renames into place only when complete
     if info["converted"]:
         t0 = time.perf_counter()

@@ -28,14 +28,15 @@ DEFINITIONS = {
            "total) and OmniPipeline.generate_ids (non-streaming total); RTF = total s / audio s; "
            "stream_over_generate = streamed total / non-streaming total; ours_stream.breakdown = the stream's "
            "time-to-first-audio marks (medians): thinker first token, talker prefill, first frame (code "
-           "predictor), first vocoder chunk",
+           "predictor), first vocoder chunk; ours_spoken_stream: the same for a spoken question (e2e_audio_seconds "
+           "of synthetic 16 kHz audio + the text prompt), front end (template + log-mel) and audio encoder included",
     "vocoder_stream": "ours: VocoderStream (stateful Code2Wav), batch 1, random codes; per chunk size in "
                       "vocoder_chunks: median seconds of one decode call (vocoder_calls calls after a warm-up) and "
                       "RTF = that / chunk audio s; theirs: transformers code2wav forward on 25 frames of left context "
                       "+ the chunk (the per-chunk work of its chunked_decode). Long reply: vocoder_long_chunks chunks "
-                      "of stream_chunk frames in one stream; per-chunk time of chunk 5 and chunk 200 (medians of "
-                      "chunks k-2..k+2) and their ratio; streamed total / non-streamed OmniPipeline.vocode of the "
-                      "same frames",
+                      "of stream_chunk frames in one stream, streamed `repeats` times; per-chunk time of chunk 5 and "
+                      "chunk 200 (median over the repeats, then over chunks k-2..k+2) and their ratio; streamed "
+                      "total / non-streamed OmniPipeline.vocode of the same frames",
     "bandwidth": "median copy rate of a copy_mib float32 array counting read + write bytes: numpy np.copyto and a "
                  "jitted jax scale (donated off-CPU); the roofline uses the larger; 'read_only' is a jitted jax sum",
     "matmul": "median rate of an n x n float32 jax matmul (2 n^3 FLOPs); torch for reference",
@@ -339,7 +340,8 @@ def phase_e2e(ctx: Ctx) -> dict:
         t0 = time.perf_counter()
         first_text = first_audio = None
         chunks, samples, last = [], 0, None
-        stream = pipe.stream(list(ctx.prompt_ids), chunk_frames=ctx.stream_chunk, **kw)
+        stream = pipe.stream(list(ctx.prompt_ids), chunk_frames=ctx.stream_chunk,
+                             first_chunk_frames=ctx.stream_first_chunk, **kw)
         for ev in stream:
             now = time.perf_counter() - t0
             if ev.token_ids and first_text is None:
@@ -380,7 +382,33 @@ def phase_e2e(ctx: Ctx) -> dict:
             return {"s": total, "audio_s": wav.shape[-1] / pipe.sample_rate,
                     "tokens": int(seqs.shape[-1]) - len(ctx.prompt_ids)}
 
+    def ours_spoken():
+        """A spoken question (synthetic 16 kHz audio + the text prompt) streamed to speech: the breakdown."""
+        import numpy as np
+
+        from omni_jax.runtime.types import Request
+
+        t = np.arange(int(ctx.e2e_audio_seconds * 16000)) / 16000
+        rng = np.random.default_rng(ctx.seed + 4)
+        wav = (0.3 * np.sin(2 * np.pi * (200 + 100 * np.sin(2 * np.pi * 0.5 * t)) * t)
+               + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+        req = Request(messages=[{"role": "user", "content": [{"type": "audio", "audio": (wav, 16000)},
+                                                             {"type": "text", "text": ctx.prompt}]}])
+        t0 = time.perf_counter()
+        stream = pipe.stream(req, chunk_frames=ctx.stream_chunk, first_chunk_frames=ctx.stream_first_chunk, **kw)
+        first_audio = None
+        for ev in stream:
+            if ev.audio is not None and len(ev.audio) and first_audio is None:
+                first_audio = time.perf_counter() - t0
+        return {"s": time.perf_counter() - t0, "time_to_first_audio_s": first_audio,
+                "prompt_tokens": len(stream.prompt_ids), **{f"at_{k}": v for k, v in stream.result.timings.items()}}
+
     res: dict = {"prompt_tokens": len(ctx.prompt_ids)}
+    if ctx.e2e_audio_seconds > 0 and pipe.config.thinker.audio is not None:
+        spoken = run_rounds(ctx, [ours_spoken], None, res)[0][0]
+        res["ours_spoken_stream"] = {"audio_in_s": ctx.e2e_audio_seconds, "prompt_tokens": med(spoken, "prompt_tokens"),
+                                     "s": med(spoken), "time_to_first_audio_s": med(spoken, "time_to_first_audio_s"),
+                                     "breakdown": {k: med(spoken, f"at_{k}") for k in STREAM_STAGES}}
     (so, go), rt = run_rounds(ctx, [ours_stream, ours_generate], None if theirs is None else [theirs], res)
     rt = rt[0] if rt else []
     res["ours_stream"] = {k: med(so, k) for k in ("s", "time_to_first_text_s", "time_to_first_audio_s", "audio_s",
@@ -529,12 +557,13 @@ def phase_vocoder_stream(ctx: Ctx) -> dict:
         res["chunks"][str(n)] = row
 
     n, k = ctx.stream_chunk, ctx.vocoder_long_chunks
-    long = {"chunk_frames": n, "chunks": k, "audio_s": n * k * frame_s}
-    times = stream_times(n, k, long)
+    long = {"chunk_frames": n, "chunks": k, "audio_s": n * k * frame_s, "repeats": ctx.repeats}
+    runs = [stream_times(n, k, long) for _ in range(ctx.repeats)]
+    times = [median([r[c] for r in runs]) for c in range(k)]  # per chunk, the median over repeated streams
     at = {c: median(times[c - 3:c + 2]) for c in (5, 200) if c + 2 <= k}  # chunk c is times[c - 1]
     long["chunk5_s"], long["chunk200_s"] = at.get(5), at.get(200)
     long["chunk200_over_chunk5"] = div(at.get(200), at.get(5))
-    long["stream_total_s"] = sum(times)
+    long["stream_total_s"] = sum(times)  # of the per-chunk medians
     full = codes(n * k)[None]
     ctx.pipe.vocode(full, [n * k])  # warm-up (compiles)
     long["vocode_s"] = _timed(lambda: ctx.pipe.vocode(full, [n * k]))

@@ -60,6 +60,11 @@ def streaming_lines(phases: dict) -> list[str]:
         out.append(f"stream total {_fmt(e['ours_stream']['s'])} s / generate {_fmt(e['ours_generate']['s'])} s = "
                    f"{_fmt(e['stream_over_generate'])}; first audio at: " + ", ".join(
                        f"{k.removesuffix('_s')} {_fmt(v)}" for k, v in b.items() if v is not None))
+        sp = e.get("ours_spoken_stream")
+        if sp:
+            out.append(f"spoken question ({sp['audio_in_s']:g} s of audio): first audio "
+                       f"{_fmt(sp['time_to_first_audio_s'])} s; at: " + ", ".join(f"{k.removesuffix('_s')} {_fmt(v)}" for k, v in sp["breakdown"].items()
+                                          if v is not None))
     v = phases.get("vocoder_stream")
     if v:
         lg = v["long"]
