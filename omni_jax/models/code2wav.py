@@ -38,7 +38,7 @@ import numpy as np
 from omni_jax.config import Code2WavConfig, OmniConfig
 from omni_jax.models.rules import Rule, bias_to_heads, heads_to_linear, identity, linear, linear_to_heads
 from omni_jax.nn.attention import dot_attention
-from omni_jax.nn.decoder import scan_layers
+from omni_jax.nn.decoder import layer_name, scan_layers
 from omni_jax.nn.mlp import GatedMLP, logical_dense
 from omni_jax.nn.norm import RMSNorm
 from omni_jax.nn.rope import apply_rope, rope_cos_sin
@@ -334,8 +334,13 @@ class PreTransformer(nn.Module):
             mask = stream_mask(positions, cfg.sliding_window)
         else:
             mask = sliding_mask(t, cfg.sliding_window, valid_start, b)
-        layers = scan_layers(TransformerLayer, cfg.num_hidden_layers)(cfg, self.dtype, self.param_dtype, name="layers")
-        x, _ = layers(x, cos, sin, mask)
+        if self.has_variable("params", layer_name(0)):  # the unrolled layout (`unroll`): one CPU device
+            for i in range(cfg.num_hidden_layers):
+                x, _ = TransformerLayer(cfg, self.dtype, self.param_dtype, name=layer_name(i))(x, cos, sin, mask)
+        else:
+            layers = scan_layers(TransformerLayer, cfg.num_hidden_layers)(cfg, self.dtype, self.param_dtype,
+                                                                          name="layers")
+            x, _ = layers(x, cos, sin, mask)
         return RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x)
 
 
@@ -444,6 +449,23 @@ def required_left_context(config: OmniConfig | Code2WavConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- params
+
+
+def unroll(config: OmniConfig, params: dict, split_experts: bool = True, consume: bool = False) -> dict:
+    """Code2Wav params with the pre-transformer's layer stack unstacked (`registry.unroll`, chosen by the layout
+    step on one CPU device): XLA:CPU copies every layer's slice of a stacked weight on every call, a fixed cost
+    that dominates a streamed chunk of a few frames. split_experts does not apply (no experts)."""
+    del split_experts
+    if "layers" not in params["pre_transformer"]:
+        return params  # already unrolled (params taken from a pipeline that prepared them)
+    pre = dict(params["pre_transformer"])
+    stack = pre.pop("layers")
+    n = _c2w(config).num_hidden_layers
+    for i in range(n):
+        pre[layer_name(i)] = jax.tree_util.tree_map(lambda a, i=i: a[i], stack)
+    if consume:
+        stack.clear()
+    return {**params, "pre_transformer": pre}
 
 
 def build(config: OmniConfig | Code2WavConfig, dtype=jnp.float32) -> tuple[Code2Wav, tuple]:

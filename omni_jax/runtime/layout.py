@@ -8,6 +8,7 @@ the one place that decides it, keyed by backend and mesh:
     before a matmul, so the checkpoint's stacked layout reads each weight twice per step; measured
     in one process on the bench checkpoint: split experts 1.23x (prefill), 1.17x / 1.25x (decode
     batch 1 / 8) over the stacked loop; [out, in] kernels and split heads 5.05 -> 6.34 talker frames/s.
+    Code2Wav's pre-transformer is unstacked too: a streamed 1-frame vocoder step 182 -> 134 ms.
   * a mesh, or an accelerator: the checkpoint's scanned, stacked layout (compile time flat in depth,
     expert-parallel shard_map), with the gather dispatch for decode and ragged_dot for prefill; on
     CPU meshes the grouped loop (XLA:CPU lowers ragged_dot densely).

@@ -189,7 +189,7 @@ class VocoderState:
     frames: jax.Array  # [B] int32
 
 
-#: (config, batch, dtype, param dtype) -> a compiled maker of the zero state. Tracing the model for the cache's
+#: (config, batch, dtype, param dtype, param tree) -> a compiled maker of the zero state. Tracing the model for the cache's
 #: shapes costs 0.3 s at the tiny config, which would otherwise sit on every stream's time to first audio. The
 #: zeros are committed to the params' devices like the step's own (donated) outputs: uncommitted zeros gave
 #: the step's second call a second compile (2.0 s at real width).
@@ -200,7 +200,8 @@ def init_stream(params: Any, config: OmniConfig | Code2WavConfig, batch: int, dt
     """A zero state for `batch` rows, every row at frame 0 (the cache's shapes from an abstract step)."""
     cfg = as_code2wav_config(config)
     model = _model(params, cfg, dtype)
-    key = (cfg, int(batch), jnp.dtype(model.dtype), jnp.dtype(model.param_dtype))
+    key = (cfg, int(batch), jnp.dtype(model.dtype), jnp.dtype(model.param_dtype),
+           jax.tree_util.tree_structure(params))  # the layout (stacked or unrolled layers) names the caches
     if key not in _ZERO_STATE:
         codes = jnp.zeros((batch, cfg.num_quantizers, 1), jnp.int32)
         positions = jnp.zeros((batch, 1), jnp.int32)
