@@ -68,7 +68,8 @@ def _check_equal(pipe, ref, stream, events, chunk):
 
 def test_thinker_ends_first_eos(pipe):
     """Short reply ended by an EOS id, long talker budget: 169 frames, so late chunks start past the 152-frame
-    receptive field (everything they read comes from the carried state) and most frames run after the thinker is done (tts_eos, then tts_pad)."""
+    receptive field (everything they read comes from the carried state) and most frames run after the
+    thinker is done (tts_eos, then tts_pad)."""
     (probe,) = pipe.generate_ids([pipe.encode(PROMPT)], text_only=True, max_new_tokens=4)
     eos = probe.token_ids[2]
     assert eos not in probe.token_ids[:2]

@@ -189,10 +189,10 @@ class VocoderState:
     frames: jax.Array  # [B] int32
 
 
-#: (config, batch, dtype, param dtype, param tree) -> a compiled maker of the zero state. Tracing the model for the cache's
-#: shapes costs 0.3 s at the tiny config, which would otherwise sit on every stream's time to first audio. The
-#: zeros are committed to the params' devices like the step's own (donated) outputs: uncommitted zeros gave
-#: the step's second call a second compile (2.0 s at real width).
+#: (config, batch, dtype, param dtype, param tree) -> a compiled maker of the zero state. Tracing the model for
+#: the cache's shapes costs 0.3 s at the tiny config, which would otherwise sit on every stream's time to first
+#: audio. The zeros are committed to the params' device like the step's own (donated) outputs: uncommitted
+#: zeros gave the step's second call a second compile (2.0 s at real width).
 _ZERO_STATE: dict[tuple, Any] = {}
 
 
@@ -207,12 +207,11 @@ def init_stream(params: Any, config: OmniConfig | Code2WavConfig, batch: int, dt
         positions = jnp.zeros((batch, 1), jnp.int32)
         shapes = jax.eval_shape(
             lambda p: model.apply({"params": p}, codes, positions, mutable=["cache"])[1]["cache"], params)
-        _ZERO_STATE[key] = jax.jit(lambda anchor: VocoderState(
+        _ZERO_STATE[key] = jax.jit(lambda: VocoderState(
             cache=jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),
             frames=jnp.zeros((batch,), jnp.int32)))
-    anchor = params["code_embedding"]["embedding"]
-    state = _ZERO_STATE[key](anchor)
-    devices = anchor.devices()
+    state = _ZERO_STATE[key]()
+    devices = params["code_embedding"]["embedding"].devices()
     return jax.device_put(state, next(iter(devices))) if len(devices) == 1 else state
 
 

@@ -62,9 +62,9 @@ def streaming_lines(phases: dict) -> list[str]:
                        f"{k.removesuffix('_s')} {_fmt(v)}" for k, v in b.items() if v is not None))
         sp = e.get("ours_spoken_stream")
         if sp:
+            marks = ", ".join(f"{k.removesuffix('_s')} {_fmt(v)}" for k, v in sp["breakdown"].items() if v is not None)
             out.append(f"spoken question ({sp['audio_in_s']:g} s of audio): first audio "
-                       f"{_fmt(sp['time_to_first_audio_s'])} s; at: " + ", ".join(f"{k.removesuffix('_s')} {_fmt(v)}" for k, v in sp["breakdown"].items()
-                                          if v is not None))
+                       f"{_fmt(sp['time_to_first_audio_s'])} s; at: {marks}")
     v = phases.get("vocoder_stream")
     if v:
         lg = v["long"]
