@@ -14,9 +14,10 @@ With --bf16_too our phases run again in bfloat16 afterwards (transformers stays 
 
 Phases (--what): prefill, decode, talker, code2wav, e2e, audio_encoder (its own random encoder at --audio_config's
 width: the real 32 layers x 1280 by default), vocoder_stream (the stateful streaming Code2Wav), roofline.
-Definitions are in each phase function's docstring and in the JSON's "definitions". The roofline measures the machine first (before any model is loaded):
-memory bandwidth (copy of a --copy_mib float32 array, read + write bytes) and float32 matmul FLOP/s; decode-like
-phases get bytes of weights read per step -> roofline steps/s; prefill and Code2Wav get FLOPs -> % of matmul rate.
+Definitions are in each phase function's docstring and in the JSON's "definitions". The roofline measures the
+machine first (before any model is loaded): memory bandwidth (copy of a --copy_mib float32 array, read + write
+bytes) and float32 matmul FLOP/s; decode-like phases get bytes of weights read per step -> roofline steps/s;
+prefill and Code2Wav get FLOPs -> % of matmul rate.
 """
 
 from __future__ import annotations
@@ -147,9 +148,8 @@ def main(argv):
         "flags": {k: FLAGS[k].value for k in ("what", "repeats", "prompt_len", "decode_prompt_len", "decode_tokens",
                                                "batch_sizes", "talker_frames", "code2wav_seconds", "e2e_tokens",
                                                "e2e_frames", "e2e_audio_seconds", "stream_chunk", "stream_first_chunk",
-                                               "vocoder_chunks",
-                                               "vocoder_calls", "vocoder_long_chunks", "max_len", "bf16_too",
-                                               "copy_mib", "matmul_n")},
+                                               "vocoder_chunks", "vocoder_calls", "vocoder_long_chunks", "max_len",
+                                               "bf16_too", "copy_mib", "matmul_n")},
         "definitions": DEFINITIONS, "memory": {"rss_start_mib": rss_mib()},
     }
     machine = None
@@ -182,9 +182,8 @@ def main(argv):
                   code2wav_seconds=FLAGS.code2wav_seconds, e2e_tokens=FLAGS.e2e_tokens, e2e_frames=FLAGS.e2e_frames,
                   e2e_audio_seconds=FLAGS.e2e_audio_seconds, prompt=FLAGS.prompt,
                   stream_chunk=FLAGS.stream_chunk, stream_first_chunk=FLAGS.stream_first_chunk,
-                  vocoder_chunks=vocoder_chunks,
-                  vocoder_calls=FLAGS.vocoder_calls, vocoder_long_chunks=FLAGS.vocoder_long_chunks, eos=eos,
-                  prompt_ids=pipe.encode(FLAGS.prompt),
+                  vocoder_chunks=vocoder_chunks, vocoder_calls=FLAGS.vocoder_calls,
+                  vocoder_long_chunks=FLAGS.vocoder_long_chunks, eos=eos, prompt_ids=pipe.encode(FLAGS.prompt),
                   audio_seconds=FLAGS.audio_seconds, **_audio_config(FLAGS.audio_config))
     ctx = Ctx(pipe=pipe, hf=hf, dtype_bytes=4 if FLAGS.dtype == "float32" else 2, **common)
     report["phases"] = run_phases(ctx, todo)

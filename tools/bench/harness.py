@@ -64,7 +64,7 @@ class CompileTimer:
             into["trace_lower_s"] = into.get("trace_lower_s", 0.0) + self.other - o0
 
 
-def _measure(fn: Callable[[], Any]) -> dict:
+def measure(fn: Callable[[], Any]) -> dict:
     """Run fn; its dict result (extra figures, maybe its own "s") or just the wall time."""
     t0 = time.perf_counter()
     out = fn()
@@ -82,16 +82,16 @@ def run_rounds(ctx: "Ctx", ours: list[Callable[[], Any]], theirs: list[Callable[
     with ctx.compile_timer.track(info):
         for _ in range(2):  # twice: the second call takes the cache-reuse paths (ThinkerEngine resets a kept cache)
             for fn in ours:
-                _measure(fn)
+                measure(fn)
     for fn in theirs or ():
-        _measure(fn)
+        measure(fn)
     ro: list[list[dict]] = [[] for _ in ours]
     rt: list[list[dict]] = [[] for _ in theirs or ()]
     for _ in range(ctx.repeats):
         for i, fn in enumerate(ours):
-            ro[i].append(_measure(fn))
+            ro[i].append(measure(fn))
         for i, fn in enumerate(theirs or ()):
-            rt[i].append(_measure(fn))
+            rt[i].append(measure(fn))
     info.setdefault("runs_s", []).append({"ours": [[r["s"] for r in x] for x in ro],
                                           "theirs": [[r["s"] for r in x] for x in rt]})
     return ro, rt

@@ -6,7 +6,7 @@ import contextlib
 import time
 
 from omni_jax.runtime.types import STREAM_STAGES
-from tools.bench.harness import Ctx, div, med, median, run_pair, run_rounds
+from tools.bench.harness import Ctx, div, measure, med, median, run_pair, run_rounds
 from tools.bench.roofline import (RouterLog, union_list, decoder_step_params, prefill_flops,
                                   talker_frame_params)
 
@@ -327,6 +327,16 @@ def phase_code2wav(ctx: Ctx) -> dict:
     return res
 
 
+def _timing_marks(stream) -> dict:
+    """A finished stream's Result.timings, as measurement keys (at_<mark>) for `_breakdown`."""
+    return {f"at_{k}": v for k, v in stream.result.timings.items()}
+
+
+def _breakdown(runs: list[dict]) -> dict:
+    """Median of each first-audio mark over runs, in stage order (None for a stage a stream did not have)."""
+    return {k: med(runs, f"at_{k}") for k in STREAM_STAGES}
+
+
 def phase_e2e(ctx: Ctx) -> dict:
     """Text -> speech: time to first audio and total real-time factor (greedy thinker and talker)."""
     from omni_jax.runtime.sampling import SamplingParams
@@ -356,7 +366,7 @@ def phase_e2e(ctx: Ctx) -> dict:
         total = time.perf_counter() - t0
         return {"s": total, "time_to_first_text_s": first_text, "time_to_first_audio_s": first_audio,
                 "audio_s": samples / pipe.sample_rate, "chunk_rtf_median": median(chunks),
-                **{f"at_{k}": v for k, v in stream.result.timings.items()}}
+                **_timing_marks(stream)}
 
     def ours_generate():
         t0 = time.perf_counter()
@@ -401,20 +411,20 @@ def phase_e2e(ctx: Ctx) -> dict:
             if ev.audio is not None and len(ev.audio) and first_audio is None:
                 first_audio = time.perf_counter() - t0
         return {"s": time.perf_counter() - t0, "time_to_first_audio_s": first_audio,
-                "prompt_tokens": len(stream.prompt_ids), **{f"at_{k}": v for k, v in stream.result.timings.items()}}
+                "prompt_tokens": len(stream.prompt_ids), **_timing_marks(stream)}
 
     res: dict = {"prompt_tokens": len(ctx.prompt_ids)}
     if ctx.e2e_audio_seconds > 0 and pipe.config.thinker.audio is not None:
         spoken = run_rounds(ctx, [ours_spoken], None, res)[0][0]
         res["ours_spoken_stream"] = {"audio_in_s": ctx.e2e_audio_seconds, "prompt_tokens": med(spoken, "prompt_tokens"),
                                      "s": med(spoken), "time_to_first_audio_s": med(spoken, "time_to_first_audio_s"),
-                                     "breakdown": {k: med(spoken, f"at_{k}") for k in STREAM_STAGES}}
+                                     "breakdown": _breakdown(spoken)}
     (so, go), rt = run_rounds(ctx, [ours_stream, ours_generate], None if theirs is None else [theirs], res)
     rt = rt[0] if rt else []
     res["ours_stream"] = {k: med(so, k) for k in ("s", "time_to_first_text_s", "time_to_first_audio_s", "audio_s",
                                                   "chunk_rtf_median")}
     # time to first audio stage by stage (the stream's own clock; the front end ran before it)
-    res["ours_stream"]["breakdown"] = {k: med(so, f"at_{k}") for k in STREAM_STAGES}
+    res["ours_stream"]["breakdown"] = _breakdown(so)
     res["ours_generate"] = {k: med(go, k) for k in ("s", "audio_s", "tokens", "frames", "thinker_s", "talker_s",
                                                     "code2wav_s")}
     if rt:
@@ -550,7 +560,7 @@ def phase_vocoder_stream(ctx: Ctx) -> dict:
                     ctx.hf.code2wav(window)
 
             theirs()
-            row["theirs_s"] = median([_timed(theirs) for _ in range(ctx.vocoder_calls)])
+            row["theirs_s"] = median([measure(theirs)["s"] for _ in range(ctx.vocoder_calls)])
         row["ours_rtf"] = div(row["ours_s"], row["audio_s"])
         row["theirs_rtf"] = div(row.get("theirs_s"), row["audio_s"])
         row["ratio"] = div(row.get("theirs_s"), row["ours_s"])
@@ -566,16 +576,10 @@ def phase_vocoder_stream(ctx: Ctx) -> dict:
     long["stream_total_s"] = sum(times)  # of the per-chunk medians
     full = codes(n * k)[None]
     ctx.pipe.vocode(full, [n * k])  # warm-up (compiles)
-    long["vocode_s"] = _timed(lambda: ctx.pipe.vocode(full, [n * k]))
+    long["vocode_s"] = measure(lambda: ctx.pipe.vocode(full, [n * k]))["s"]
     long["stream_over_vocode"] = div(long["stream_total_s"], long["vocode_s"])
     res["long"] = long
     return res
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 PHASE_FNS = {"prefill": phase_prefill, "decode": phase_decode, "talker": phase_talker,

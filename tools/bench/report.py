@@ -47,8 +47,12 @@ def table_rows(phases: dict) -> list[tuple]:
     if v:
         for n, r in v["chunks"].items():
             rows.append((f"vocoder {n}-frame chunk s", r["ours_s"], r.get("theirs_s"), r.get("ratio"), None, None))
-
     return rows
+
+
+def _marks(breakdown: dict) -> str:
+    """A stream's first-audio marks, in stage order, skipping the stages it did not have."""
+    return ", ".join(f"{k.removesuffix('_s')} {_fmt(v)}" for k, v in breakdown.items() if v is not None)
 
 
 def streaming_lines(phases: dict) -> list[str]:
@@ -56,15 +60,12 @@ def streaming_lines(phases: dict) -> list[str]:
     out = []
     e = phases.get("e2e")
     if e:
-        b = e["ours_stream"].get("breakdown") or {}
         out.append(f"stream total {_fmt(e['ours_stream']['s'])} s / generate {_fmt(e['ours_generate']['s'])} s = "
-                   f"{_fmt(e['stream_over_generate'])}; first audio at: " + ", ".join(
-                       f"{k.removesuffix('_s')} {_fmt(v)}" for k, v in b.items() if v is not None))
+                   f"{_fmt(e['stream_over_generate'])}; first audio at: {_marks(e['ours_stream']['breakdown'])}")
         sp = e.get("ours_spoken_stream")
         if sp:
-            marks = ", ".join(f"{k.removesuffix('_s')} {_fmt(v)}" for k, v in sp["breakdown"].items() if v is not None)
             out.append(f"spoken question ({sp['audio_in_s']:g} s of audio): first audio "
-                       f"{_fmt(sp['time_to_first_audio_s'])} s; at: {marks}")
+                       f"{_fmt(sp['time_to_first_audio_s'])} s; at: {_marks(sp['breakdown'])}")
     v = phases.get("vocoder_stream")
     if v:
         lg = v["long"]
