@@ -8,6 +8,8 @@ Existing error classes (ConfigError, CheckpointError, MeshSpecError, Safetensors
 
 from __future__ import annotations
 
+import numpy as np
+
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -49,5 +51,5 @@ def check_finite(*stages: tuple[str, str, object]) -> None:
     The flags are device-side booleans reduced during a stage (every logit finite, ...): reading
     them here is the stage's one host sync for the guard."""
     for stage, detail, flag in stages:
-        if not bool(flag):
+        if not bool(np.all(flag)):  # a flag per row (served batches) or one for the batch
             raise NumericalError(stage, detail)

@@ -9,8 +9,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "omni_jax")
 #: Folder (or top-level module) -> layer; a module may import only from its own layer or lower ones.
-LAYERS = {"config": 0, "errors": 0, "buckets": 0, "sharding": 1, "nn": 2, "processing": 3, "models": 4,
-          "checkpoint": 5, "runtime": 6, "cli": 7, "pipeline": 8, "__init__": 8}
+LAYERS = {"config": 0, "errors": 0, "buckets": 0, "rng": 0, "sharding": 1, "nn": 2, "processing": 3, "models": 4,
+          "checkpoint": 5, "runtime": 6, "cli": 7, "pipeline": 8, "serving": 8, "__init__": 8}
 
 
 def _modules() -> dict[str, str]:

@@ -130,3 +130,27 @@ def test_invalid_params_rejected():
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="seen"):
         process_logits(jnp.zeros((1, 4)), SamplingParams(repetition_penalty=1.1))
+
+
+def test_per_row_settings_keep_the_same_support_as_static_ones():
+    """sample_rows (served slots: settings as data, a key per row) draws from exactly the support process_logits
+    keeps for the same static settings, row by row; temperature 0 rows are the argmax; a row's draws depend on
+    its own key only."""
+    from omni_jax.runtime.sampling import sample_rows
+
+    sample_rows = jax.jit(sample_rows)
+    logits = _logits(3)
+    settings = [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (1.0, 7, 0.8)]  # (temperature, top_k, top_p) per row
+    temp, top_k, top_p = (np.asarray(c, dt) for c, dt in zip(zip(*settings), (np.float32, np.int32, np.float32)))
+    draws = np.stack([np.asarray(sample_rows(logits, jax.random.split(jax.random.PRNGKey(s), B), temp, top_k, top_p))
+                      for s in range(300)])
+    for b, (t, k, p) in enumerate(settings):
+        if t == 0:
+            assert (draws[:, b] == logits[b].argmax()).all()
+            continue
+        kept = np.isfinite(np.asarray(process_logits(logits[b:b + 1], SamplingParams(t, k, p))[0]))
+        assert set(draws[:, b]) <= set(np.flatnonzero(kept)) and len(set(draws[:, b])) > 1
+    # row 1 alone (same key) draws what it drew beside the others
+    keys = jax.random.split(jax.random.PRNGKey(7), B)
+    alone = sample_rows(logits[1:2], keys[1:2], temp[1:2], top_k[1:2], top_p[1:2])
+    assert int(alone[0]) == int(sample_rows(logits, keys, temp, top_k, top_p)[1])

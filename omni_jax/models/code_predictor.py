@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from omni_jax import rng as rng_lib
 from omni_jax.config import DecoderConfig
 from omni_jax.nn.decoder import DecoderStack
 from omni_jax.nn.linear import out_in
@@ -121,7 +122,7 @@ def predict_frame(
     """
     b = hidden.shape[0]
     n = num_code_groups - 1
-    keys = jax.random.split(rng, n)
+    keys = rng_lib.split_keys(rng, n)  # one key, or one per row
     cache_k, cache_v = frame_cache(cfg, b, num_code_groups, dtype)
     x = jnp.stack([hidden.astype(dtype), code0_embed.astype(dtype)], axis=1)
     pos = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32)[None], (b, 2))

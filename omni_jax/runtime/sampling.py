@@ -15,6 +15,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from omni_jax import rng as rng_lib
 from omni_jax.errors import UsageError
 
 _NEG_INF = -jnp.inf
@@ -132,11 +133,12 @@ def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | 
 
 
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array | None = None) -> jax.Array:
-    """Next ids [B] int32 from logits [B, V]. Same key + same inputs -> same ids; temperature 0 -> argmax."""
+    """Next ids [B] int32 from logits [B, V]. Same key + same inputs -> same ids; temperature 0 -> argmax.
+    key: one key [2] for the batch, or one per row [B, 2] (omni_jax.rng)."""
     processed = process_logits(logits, params, seen)
     if params.is_greedy:
         return jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
+    return rng_lib.categorical(key, processed).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,3 +204,41 @@ def suppressed_codec_ids(config) -> tuple[int, ...]:
     vocab = config.talker.text.vocab_size
     eos = config.talker.codec_eos_token_id
     return tuple(i for i in range(max(0, vocab - NUM_SUPPRESSED_CODEC_IDS), vocab) if i != eos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row settings (served slots): each row its own temperature / top-k / top-p and key, as data
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """Next ids [B] from logits [B, V], row b with its own settings and key keys[b] ([B, 2]).
+
+    The same transforms as `process_logits` (temperature, then top-k, then top-p, HF's order and tie rules),
+    but with settings as arrays, so requests with different settings share one compiled step. A row with
+    temperature 0 takes the argmax. The sort the filters need runs only when some row filters.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = temperature > 0
+    scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]
+
+    def filtered(x):
+        v = x.shape[-1]
+        order = jnp.argsort(x, axis=-1)  # ascending, as top_p_filter
+        asc = jnp.take_along_axis(x, order, axis=-1)
+        k = jnp.clip(top_k, 0, v)
+        kth = jnp.take_along_axis(asc, jnp.clip(v - k, 0, v - 1)[:, None], axis=-1)  # the k-th largest
+        x = jnp.where((k[:, None] > 0) & (x < kth), _NEG_INF, x)
+        asc = jnp.take_along_axis(x, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+        remove_sorted = ((cum <= 1.0 - top_p[:, None]) & (top_p[:, None] < 1.0)).at[..., -1].set(False)
+        rows = jnp.arange(x.shape[0])[:, None]
+        remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+        return jnp.where(remove, _NEG_INF, x)
+
+    needs_filter = jnp.any(sampled & ((top_k > 0) | (top_p < 1.0)))
+    scaled = jax.lax.cond(needs_filter, filtered, lambda x: x, scaled)
+    drawn = rng_lib.categorical(keys, scaled).astype(jnp.int32)
+    return jnp.where(sampled, drawn, greedy)

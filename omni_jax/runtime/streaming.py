@@ -323,29 +323,39 @@ class SpeechStream:
             engine.release(state)
 
     def _start_talker(self, thinker_state, first_token: int):
-        """Talker prompt from the prompt's thinker embeddings (+ accept-layer hidden) and reply token 0."""
+        tstate, tts_eos, tts_pad = start_talker_row(
+            self.pipe, self.prompt_ids, thinker_state, first_token, self.speaker, self.eos, self.talker_max_new_tokens,
+            self.talker_sampling, jax.random.PRNGKey(self.seed + 1))
         pipe = self.pipe
-        engine, talker, params = pipe.engine, pipe.talker, pipe.params
-        lp = len(self.prompt_ids)
-        bucket = engine.bucket_for(lp)  # slice by bucket: a bounded number of slice shapes
-        emb = np.asarray(thinker_state.embeds[0, :bucket], np.float32)[:lp]
-        acc = np.asarray(thinker_state.accept_hidden[0, :bucket], np.float32)[:lp]
-        table = params["thinker"]["embed_tokens"]["embedding"]
-        embed = _embed_fn(jnp.dtype(pipe.dtype))
-        e0 = np.asarray(embed(table, np.asarray([first_token], np.int32)), np.float32)
-        tts = np.asarray(embed(table, np.asarray(tts_token_ids(pipe.config), np.int32)), np.float32)
-        # The prompt uses only reply token 0; build it as for the reply [token 0, EOS], whose trailing text is
-        # [tts_eos] (column 0 below). Later columns come from _ColumnSource as tokens arrive.
-        inputs = talker.build_inputs(
-            params["talker"], [np.asarray(self.prompt_ids)], [np.asarray([first_token, self.eos[0]])],
-            [np.concatenate([emb, e0])], [acc], tts, self.speaker, thinker_eos_ids=self.eos,
-        )
-        tstate, _ = talker.start(params["talker"], inputs, self.talker_max_new_tokens, self.talker_sampling,
-                                 rng=jax.random.PRNGKey(self.seed + 1), penalty_from=None)
-        dt = talker.dtype
-        cols = _ColumnSource(
-            _text_column_fn(pipe.config, dt), params["talker"], table,
-            tts_eos=jnp.asarray(inputs.trailing[:, :1], dt),
-            tts_pad=jnp.asarray(inputs.tts_pad, dt).reshape(1, 1, -1),
-        )
-        return talker, cols, tstate
+        cols = _ColumnSource(_text_column_fn(pipe.config, pipe.talker.dtype), pipe.params["talker"],
+                             pipe.params["thinker"]["embed_tokens"]["embedding"], tts_eos=tts_eos, tts_pad=tts_pad)
+        return pipe.talker, cols, tstate
+
+
+def start_talker_row(pipe, prompt_ids: Sequence[int], thinker_state, first_token: int, speaker: str,
+                     eos: Sequence[int], max_new_tokens: int, sampling: TalkerSampling, rng: jax.Array,
+                     cache_len: int | None = None):
+    """Talker prefill for one request whose thinker has written reply token 0 (row 0 of `thinker_state`, a
+    prefill with collect_hidden): the prompt's thinker embeddings and accept-layer hidden states plus token 0.
+
+    Returns (talker state, tts_eos column [1, 1, H], tts_pad column [1, 1, H]): the trailing text columns that
+    end every reply. Later columns are the projections of reply tokens 1.. as they arrive."""
+    engine, talker, params = pipe.engine, pipe.talker, pipe.params
+    lp = len(prompt_ids)
+    bucket = engine.bucket_for(lp)  # slice by bucket: a bounded number of slice shapes
+    emb = np.asarray(thinker_state.embeds[0, :bucket], np.float32)[:lp]
+    acc = np.asarray(thinker_state.accept_hidden[0, :bucket], np.float32)[:lp]
+    table = params["thinker"]["embed_tokens"]["embedding"]
+    embed = _embed_fn(jnp.dtype(pipe.dtype))
+    e0 = np.asarray(embed(table, np.asarray([first_token], np.int32)), np.float32)
+    tts = np.asarray(embed(table, np.asarray(tts_token_ids(pipe.config), np.int32)), np.float32)
+    # The prompt uses only reply token 0; build it as for the reply [token 0, EOS], whose trailing text is
+    # [tts_eos] (column 0 below). Later columns come as tokens arrive.
+    inputs = talker.build_inputs(
+        params["talker"], [np.asarray(prompt_ids)], [np.asarray([first_token, eos[0]])],
+        [np.concatenate([emb, e0])], [acc], tts, speaker, thinker_eos_ids=eos,
+    )
+    tstate, _ = talker.start(params["talker"], inputs, max_new_tokens, sampling, rng=rng, penalty_from=None,
+                             cache_len=cache_len)
+    dt = talker.dtype
+    return tstate, jnp.asarray(inputs.trailing[:, :1], dt), jnp.asarray(inputs.tts_pad, dt).reshape(1, 1, -1)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax import buckets
+from omni_jax import rng as rng_lib
 from omni_jax.config import OmniConfig
 from omni_jax.errors import UsageError, check_finite as _check_flags
 from omni_jax.models import registry
@@ -52,10 +53,10 @@ class TalkerState:
     step: jax.Array  # [] int32 decode steps done (column of `trailing` the next step adds)
     penalty_from: jax.Array  # [B] int32 group-0 tokens with a lower index are left out of the repetition penalty
     done: jax.Array  # [B] bool row has emitted codec EOS
-    rng: jax.Array
+    rng: jax.Array  # one key [2] for the batch, or one per row [B, 2] (served slots: omni_jax.rng)
     # Numerical guard, checked once on the host when the stage ends (`check_finite`), never per step:
-    finite: jax.Array  # [] bool every talker logit of a live row so far was finite
-    cp_finite: jax.Array  # [] bool every code-predictor logit of a live row so far was finite
+    finite: jax.Array  # [B] bool every talker logit of the row so far was finite (while it was live)
+    cp_finite: jax.Array  # [B] bool every code-predictor logit of the row so far was finite
 
 
 def check_finite(state: TalkerState) -> None:
@@ -88,7 +89,7 @@ def talker_prefill(
     h, cache = model.apply(v, embeds, positions, cache, jnp.zeros((b,), jnp.int32), method=Talker.forward)
     last = h[jnp.arange(b), lengths - 1]
     logits = model.apply(v, last, method=Talker.head)
-    rng, key = jax.random.split(rng)
+    rng, key = rng_lib.split_keys(rng, 2)
     seen = jnp.zeros((b, logits.shape[-1]), bool)
     code0 = sample(logits, key, sampling.talker_params(model.config), seen)
     return TalkerState(
@@ -102,8 +103,8 @@ def talker_prefill(
         penalty_from=penalty_from.astype(jnp.int32),
         done=code0 == model.config.talker.codec_eos_token_id,
         rng=rng,
-        finite=jnp.all(jnp.isfinite(logits)),
-        cp_finite=jnp.ones((), bool),
+        finite=jnp.all(jnp.isfinite(logits), axis=-1),
+        cp_finite=jnp.ones((b,), bool),
     )
 
 
@@ -141,7 +142,7 @@ def talker_step(
     """
     v = {"params": params}
     b = state.code0.shape[0]
-    rng, k_cp, k_c0 = jax.random.split(state.rng, 3)
+    rng, k_cp, k_c0 = rng_lib.split_keys(state.rng, 3)  # one key for the batch, or one per row
     codes, emb, cp_finite = code_predictor_frame(model, params, state.hidden, state.code0, k_cp, sampling,
                                                  with_finite=True)
     live = ~state.done  # finished rows still run (static shapes); only live rows count for the guard
@@ -162,8 +163,8 @@ def talker_step(
         step=state.step + 1,
         done=state.done | (code0 == model.config.talker.codec_eos_token_id),
         rng=rng,
-        finite=state.finite & jnp.all(jnp.isfinite(logits) | ~live[:, None]),
-        cp_finite=state.cp_finite & jnp.all(cp_finite | ~live),
+        finite=state.finite & jnp.all(jnp.isfinite(logits) | ~live[:, None], axis=-1),
+        cp_finite=state.cp_finite & (cp_finite | ~live),
     )
     return new, codes, live
 
@@ -240,6 +241,7 @@ class TalkerGenerator:
         positions: jax.Array | None = None,
         rope_delta: jax.Array | None = None,
         penalty_from: np.ndarray | str | None = "hf",
+        cache_len: int | None = None,
     ) -> tuple[TalkerState, jax.Array]:
         """Prefill; returns (state, padded trailing) for `step`.
 
@@ -249,6 +251,8 @@ class TalkerGenerator:
         "hf" reproduces HF batches, whose RepetitionPenaltyLogitsProcessor skips as many codes as the
         row has left padding in the batched talker prompt (max(lengths) - length; 0 for a single row);
         None penalizes every code (HF's single-sequence behaviour for every row).
+        cache_len: the KV cache's rows (default: the padded prompt + the padded budget); the serving slots
+        pass their own, so a prefilled row can be copied into them.
         """
         if max_new_tokens < 1:
             raise UsageError(f"talker max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -273,7 +277,11 @@ class TalkerGenerator:
              jnp.broadcast_to(inputs.tts_pad.astype(self.dtype), (b, buckets.bucket(ttr) - ttr, inputs.tts_pad.shape[-1]))],
             axis=1,
         )
-        cache = KVCache.create(self.config.talker.text, b, tb + buckets.bucket(max_new_tokens), self.dtype)
+        rows = tb + buckets.bucket(max_new_tokens) if cache_len is None else int(cache_len)
+        if rows < tb + max_new_tokens:
+            raise UsageError(f"talker cache of {rows} rows cannot hold a prompt of {t} (padded {tb}) + "
+                             f"{max_new_tokens} frames")
+        cache = KVCache.create(self.config.talker.text, b, rows, self.dtype)
         rng = jax.random.PRNGKey(0) if rng is None else rng
         state = self.prefill(params, embeds, jnp.asarray(lengths), positions, rope_delta, cache,
                              jnp.asarray(penalty_from, jnp.int32), rng, sampling=sampling)
