@@ -387,6 +387,8 @@ class ServingEngine:
         pipe, req = self.pipe, row.req
         row.slot = self._free.pop(0)
         self._rows[row.slot] = row
+        with self.metrics.lock:
+            self.metrics.counts["peak_active_slots"] = max(self.metrics.counts["peak_active_slots"], len(self._rows))
         row.timings["queue_s"] = row.now()
         row.detok = TextDeltas(pipe.tokenizer, self.eos)
         seed = secrets.randbits(31) if req.seed is None else int(req.seed)

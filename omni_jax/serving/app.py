@@ -250,6 +250,7 @@ def _engine_error(e: Exception) -> ApiError:
 _HELP = {
     "slots": ("gauge", "decode slots (concurrent requests)"),
     "active_slots": ("gauge", "slots holding a request"),
+    "peak_active_slots": ("gauge", "most slots held at once since the start"),
     "queue_length": ("gauge", "requests waiting for a slot"),
     "steps": ("counter", "scheduler iterations"),
     "tokens_per_second": ("gauge", "text tokens generated per second over the last 10 s"),

@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from omni_jax.cli.output import to_pcm16 as pcm16
+
 AUDIO_INPUT_FORMATS = ("wav", "mp3", "flac")
 AUDIO_OUTPUT_FORMATS = ("wav", "pcm16")
 MODALITIES = (("text",), ("text", "audio"), ("audio", "text"))
@@ -237,16 +239,12 @@ def audio_id() -> str:
     return "audio_" + uuid.uuid4().hex
 
 
-def pcm16(samples: np.ndarray) -> bytes:
-    """float32 samples in [-1, 1] -> little-endian signed 16-bit PCM."""
-    return (np.clip(np.asarray(samples, np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
-
-
 def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    """A 16-bit WAV file of float samples, quantised exactly as the streamed pcm16 chunks are."""
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, np.asarray(samples, np.float32), rate, format="WAV", subtype="PCM_16")
+    sf.write(buf, np.frombuffer(pcm16(samples), "<i2"), rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
 
 
