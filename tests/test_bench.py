@@ -22,7 +22,7 @@ GROUPS = {
                ("talker+cp frames/s", "code2wav RTF", "e2e first audio s", "e2e total RTF", "audio encoder 1.5 s (s)",
                 "vocoder 1-frame chunk s", "vocoder 4-frame chunk s")),
 }
-TINY = ["--config=tiny", "--repeats=1", "--prompt_len=16", "--decode_prompt_len=8", "--decode_tokens=8",
+TINY = ["--config=tiny", "--repeats=1", "--prompt_len=16", "--decode_prompt_len=8", "--decode_tokens=32",
         "--batch_sizes=1,2", "--talker_frames=4", "--code2wav_seconds=0.5", "--e2e_tokens=4", "--e2e_frames=4",
         "--max_len=128", "--vocoder_chunks=1,4", "--vocoder_calls=2", "--vocoder_long_chunks=8", "--copy_mib=4",
         "--matmul_n=128", "--nobf16_too", "--audio_seconds=1.5", "--e2e_audio_seconds=1",
