@@ -206,6 +206,65 @@ class AudioEncoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionEncoderConfig:
+    """The ViT (thinker_config.vision_config) and the token ids / timing its placeholders and positions need."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: tuple[int, ...]
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Pixels of one patch (channels x temporal x height x width): the flattened rows the processor emits."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size ** 2
+
+    @property
+    def grid_side(self) -> int:
+        """Side of the learned square position table."""
+        return int(round(self.num_position_embeddings ** 0.5))
+
+    @classmethod
+    def from_hf(cls, tree: Mapping[str, Any], path: str) -> "VisionEncoderConfig":
+        # transformers' Qwen3OmniMoeVisionEncoderConfig defaults fill keys a config leaves out, as it does there.
+        defaults = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3,
+                        patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=3584,
+                        num_position_embeddings=2304)
+        ints = {k: int(_get(tree, k, path, v)) for k, v in defaults.items()}
+        ds = tuple(int(i) for i in _get(tree, "deepstack_visual_indexes", path, (8, 16, 24)))
+        rope = tree.get("rope_parameters") or {}
+        out = cls(**ints, deepstack_visual_indexes=ds, rope_theta=float(rope.get("rope_theta", 10000.0)))
+        for name, value in ints.items():
+            _check(value > 0, f"{path}.{name}", f"must be positive, got {value}")
+        _check(out.hidden_size % out.num_heads == 0, f"{path}.hidden_size",
+               f"{out.hidden_size} is not divisible by num_heads={out.num_heads}")
+        _check(out.head_dim % 4 == 0, f"{path}.num_heads", f"head dim {out.head_dim} must be a multiple of 4 (2-D rotary)")
+        _check(out.grid_side ** 2 == out.num_position_embeddings, f"{path}.num_position_embeddings",
+               f"{out.num_position_embeddings} is not a square")
+        _check(all(0 <= i < out.depth for i in ds) and len(set(ds)) == len(ds), f"{path}.deepstack_visual_indexes",
+               f"{list(ds)} must be distinct block indexes in [0, {out.depth})")
+        act = tree.get("hidden_act", "gelu_pytorch_tanh")
+        _check(act == "gelu_pytorch_tanh", f"{path}.hidden_act", f"only 'gelu_pytorch_tanh' is supported, got {act!r}")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class ThinkerConfig:
     text: DecoderConfig
     tie_word_embeddings: bool
@@ -213,6 +272,12 @@ class ThinkerConfig:
     image_token_id: int
     video_token_id: int
     audio: AudioEncoderConfig | None = None  # None: a config without an audio tower
+    vision: VisionEncoderConfig | None = None  # None: a config without a vision tower
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    audio_start_token_id: int = 151669
+    audio_end_token_id: int = 151670
+    position_id_per_seconds: float = 13.0  # M-RoPE time steps per second of video (and audio in video)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +366,22 @@ def parse_config(tree: Mapping[str, Any]) -> OmniConfig:
         video_token_id=int(_get(th, "video_token_id", "thinker_config")),
         audio=(AudioEncoderConfig.from_hf(_sub(th, "audio_config", "thinker_config"), "thinker_config.audio_config")
                if "audio_config" in th else None),
+        vision=(VisionEncoderConfig.from_hf(_sub(th, "vision_config", "thinker_config"), "thinker_config.vision_config")
+                if "vision_config" in th else None),
+        vision_start_token_id=int(th.get("vision_start_token_id", 151652)),
+        vision_end_token_id=int(th.get("vision_end_token_id", 151653)),
+        audio_start_token_id=int(th.get("audio_start_token_id", 151669)),
+        audio_end_token_id=int(th.get("audio_end_token_id", 151670)),
+        position_id_per_seconds=float(th.get("position_id_per_seconds", 13)),
     )
+    if thinker.vision is not None:  # merger rows replace token embeddings; deepstack rows add to layer outputs
+        _check(thinker.vision.out_hidden_size == th_text.hidden_size, "thinker_config.vision_config.out_hidden_size",
+               f"must equal thinker_config.text_config.hidden_size={th_text.hidden_size}, got "
+               f"{thinker.vision.out_hidden_size}")
+        _check(len(thinker.vision.deepstack_visual_indexes) < th_text.num_hidden_layers,
+               "thinker_config.vision_config.deepstack_visual_indexes",
+               f"{len(thinker.vision.deepstack_visual_indexes)} deepstack levels need more than that many thinker layers "
+               f"(the thinker has {th_text.num_hidden_layers})")
     if thinker.audio is not None:  # the encoder's rows replace token embeddings
         _check(thinker.audio.output_dim == th_text.hidden_size, "thinker_config.audio_config.output_dim",
                f"must equal thinker_config.text_config.hidden_size={th_text.hidden_size} (the encoder's rows replace "

@@ -218,7 +218,7 @@ def test_chat_template_multi_turn(tok: QwenTokenizer):
         ([{"role": "user"}], r"message 0: missing 'content'"),
         ([{"role": "user", "content": ["x"]}], r"message 0: content part 0 must be a dict with a 'type', got str"),
         ([{"role": "user", "content": 3}], r"message 0: 'content' must be a str or a list of content parts, got int"),
-        ([{"role": "user", "content": [{"type": "image"}]}], r"content part 0 has unsupported type 'image'"),
+        ([{"role": "user", "content": [{"type": "picture"}]}], r"content part 0 has unsupported type 'picture'"),
         ([{"role": "user", "content": [{"type": "text"}]}], r"content part 0 \(text\) needs a str 'text'"),
         ("hello", r"messages must be a list"),
     ],

@@ -48,10 +48,13 @@ _BUILD_VERSION = "1"
 _ROLES = ("system", "user", "assistant")
 #: What an audio content part renders as; the processor then expands the pad to the clip's encoder rows.
 AUDIO_PLACEHOLDER = "<|audio_start|><|audio_pad|><|audio_end|>"
+#: What image and video parts render as; the pad is expanded to the item's merged vision rows.
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
 def _part_text(i: int, j: int, part: Any) -> str:
-    """One content part rendered in the ChatML fallback: text as is, audio as its placeholder."""
+    """One content part rendered in the ChatML fallback: text as is, audio, image and video as placeholders."""
     if not isinstance(part, Mapping) or "type" not in part:
         raise ValueError(f"message {i}: content part {j} must be a dict with a 'type', got {type(part).__name__}")
     kind = part["type"]
@@ -61,7 +64,12 @@ def _part_text(i: int, j: int, part: Any) -> str:
         return part["text"]
     if kind == "audio":
         return AUDIO_PLACEHOLDER
-    raise ValueError(f"message {i}: content part {j} has unsupported type {kind!r}; expected 'text' or 'audio'")
+    if kind == "image":
+        return IMAGE_PLACEHOLDER
+    if kind == "video":
+        return VIDEO_PLACEHOLDER
+    raise ValueError(f"message {i}: content part {j} has unsupported type {kind!r}; expected 'text', 'audio', "
+                     "'image' or 'video'")
 
 
 def content_text(i: int, content: Any) -> str:
@@ -367,7 +375,8 @@ class QwenTokenizer:
 
     def apply_chat_template_text(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """ChatML prompt string: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message (+ assistant header).
-        List content renders its parts in order: text as is, audio as AUDIO_PLACEHOLDER (one pad per clip)."""
+        List content renders its parts in order: text as is, audio / image / video as their placeholders (one pad
+        per item)."""
         self._validate_messages(messages)
         if self.chat_template is not None:
             return render_chat_template(self.chat_template, messages, add_generation_prompt)

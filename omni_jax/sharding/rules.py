@@ -59,6 +59,13 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("audio_embed", None),
     ("audio_mlp", None),
     ("audio_conv", None),
+    # So does the vision encoder (omni_jax.runtime.vision_encoder): one request's images/videos per call.
+    ("vision_embed", None),
+    ("vision_mlp", None),
+    ("vision_qkv", None),
+    ("vision_merge", None),
+    ("vision_patch", None),
+    ("vision_pos", None),
 )
 
 # Logical axes of a flattened token stream [tokens, hidden] (the MoE's input): tokens follow the batch.
