@@ -1,8 +1,9 @@
 """Batch job: prompts.jsonl -> <id>.wav + results.jsonl, resumable and crash-safe.
 
 Input: one JSON object per line with `id`, `prompt` or `messages` (string content, or content parts
-`{"type": "text", "text": ...}` / `{"type": "audio", "audio": "q.wav"}`), optional `audio` (a file or a list
-of files asked about with `prompt`; relative paths are relative to the input file), `speaker`, `system`,
+`{"type": "text", "text": ...}` / `{"type": "audio" | "image" | "video", <kind>: "file"}`), optional `audio`,
+`image`, `video` (a file or a list of files asked about with `prompt`; relative paths are relative to the input
+file), `use_audio_in_video` (each video's own audio track joins the prompt), `speaker`, `system`,
 and overrides of the shared sampling flags (omni_jax.cli.flag_groups: `max_new_tokens`, `greedy`,
 `temperature`, `top_k`, `top_p`, `repetition_penalty` and their `talker_*` twins). Every output file is written under a temporary name and
 renamed, so a killed job never leaves a truncated WAV or a partial JSONL line; a rerun skips the
@@ -48,7 +49,8 @@ TMP_TAG = ".tmp-"
 INT_KEYS = {k for k, v in shared.SAMPLING_DEFAULTS.items() if type(v) is int}
 FLOAT_KEYS = {k for k, v in shared.SAMPLING_DEFAULTS.items() if type(v) is float}
 SAMPLING_KEYS = set(shared.SAMPLING_DEFAULTS)
-ITEM_KEYS = {"id", "prompt", "messages", "audio", "speaker", "system"} | SAMPLING_KEYS
+MEDIA_KEYS = ("image", "video", "audio")  # the order their parts take in a `prompt` line's user turn
+ITEM_KEYS = {"id", "prompt", "messages", "speaker", "system", "use_audio_in_video", *MEDIA_KEYS} | SAMPLING_KEYS
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -58,8 +60,9 @@ class Item:
     id: str
     request: object  # omni_jax.runtime.types.Request
     sampling: dict
-    prompt_ids: list[int] | None = None  # templated, audio placeholders expanded (when validated with a tokenizer)
+    prompt_ids: list[int] | None = None  # templated, placeholders expanded (when validated with a tokenizer)
     audio: list | None = None  # log-mel features of each clip, in order
+    visual: list | None = None  # images / videos preprocessed (omni_jax.processing.vision.VisualInput), in order
 
 
 class BadLine(ValueError):
@@ -149,8 +152,8 @@ def _check_sampling(n: int, obj: dict) -> dict:
     return s
 
 
-def _resolve_audio(parts, base_dir: str | None):
-    """Audio paths relative to the input file's directory."""
+def _resolve_paths(parts, base_dir: str | None):
+    """Audio, image and video paths relative to the input file's directory."""
     if base_dir is None:
         return parts
     fix = lambda p: p if not isinstance(p, str) or os.path.isabs(p) else os.path.join(base_dir, p)  # noqa: E731
@@ -158,23 +161,27 @@ def _resolve_audio(parts, base_dir: str | None):
     for m in parts:
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):
-            content = [dict(c, audio=fix(c.get("audio"))) if isinstance(c, dict) and c.get("type") == "audio" else c
-                       for c in content]
+            content = [dict(c, **{c["type"]: fix(c.get(c["type"]))})
+                       if isinstance(c, dict) and c.get("type") in MEDIA_KEYS else c for c in content]
             m = dict(m, content=content)
         out.append(m)
     return out
 
 
 def _messages_of(n: int, obj: dict):
-    """The line's messages: `messages` as given, or `prompt` (+ its `audio` clips) as one user turn."""
-    if "audio" not in obj:
+    """The line's messages: `messages` as given, or `prompt` (+ its images, videos and audio clips) as one user
+    turn."""
+    given = [k for k in MEDIA_KEYS if k in obj]
+    if not given:
         return obj.get("prompt"), obj.get("messages")
     if "prompt" not in obj:
-        raise BadLine(f"line {n}: 'audio' goes with 'prompt'; put audio parts into 'messages' instead")
-    clips = obj["audio"] if isinstance(obj["audio"], list) else [obj["audio"]]
-    if not clips or not all(isinstance(c, str) and c for c in clips):
-        raise BadLine(f"line {n}: 'audio' must be a file path or a non-empty list of file paths")
-    parts = [{"type": "audio", "audio": c} for c in clips]
+        raise BadLine(f"line {n}: '{given[0]}' goes with 'prompt'; put {given[0]} parts into 'messages' instead")
+    parts = []
+    for key in given:
+        files = obj[key] if isinstance(obj[key], list) else [obj[key]]
+        if not files or not all(isinstance(c, str) and c for c in files):
+            raise BadLine(f"line {n}: '{key}' must be a file path or a non-empty list of file paths")
+        parts += [{"type": key, key: c} for c in files]
     if obj["prompt"].strip():
         parts.append({"type": "text", "text": obj["prompt"]})
     return None, [{"role": "user", "content": parts}]
@@ -219,24 +226,30 @@ def parse_line(n: int, raw: str, seen: set[str], speakers: list[str], text_only:
     max_new = sampling.get("max_new_tokens", FLAGS.max_new_tokens)
     prompt, messages = _messages_of(n, obj)
     if isinstance(messages, list):
-        messages = _resolve_audio(messages, base_dir)
+        messages = _resolve_paths(messages, base_dir)
+    with_audio = obj.get("use_audio_in_video", False)
+    if not isinstance(with_audio, bool):
+        raise BadLine(f"line {n}: 'use_audio_in_video' must be true or false")
     req = Request(prompt=prompt, messages=messages, system=obj.get("system"),
-                  speaker=speaker if isinstance(speaker, str) else FLAGS.speaker)
-    ids = feats = None
+                  speaker=speaker if isinstance(speaker, str) else FLAGS.speaker, use_audio_in_video=with_audio)
+    ids = feats = visual = None
     try:
         messages = req.to_messages()
         if tokenizer is not None and config is not None:
+            from omni_jax.processing.vision import processor_for_model
             from omni_jax.runtime import prompt as prompt_lib
 
-            ids, feats = prompt_lib.encode_messages(tokenizer, config, messages)
+            processor = processor_for_model(FLAGS.checkpoint, config.thinker.vision) if config.thinker.vision else None
+            ids, feats, visual = prompt_lib.encode_messages(tokenizer, config, messages, processor=processor,
+                                                            use_audio_in_video=with_audio)
             if max_len is not None:
-                prompt_lib.check_fits(config, len(ids), feats, max_new, max_len, "the prompt")
+                prompt_lib.check_fits(config, len(ids), feats, max_new, max_len, "the prompt", visual)
     except (ValueError, TypeError, AttributeError) as e:
         if isinstance(e, BadLine):
             raise
         raise BadLine(f"line {n}: {e}") from None
     seen.add(item_id)
-    return Item(n, item_id, req, sampling, ids, feats)
+    return Item(n, item_id, req, sampling, ids, feats, visual)
 
 
 def sampling_for(item: Item):
@@ -359,9 +372,10 @@ def main(argv):
         thinker_s, talker_s, max_new, talker_max = sampling_for(batch[0])
         t0 = time.perf_counter()
         try:
-            # The ids and audio features validated above: each clip is read once.
+            # The ids, audio features and images / videos validated above: each file is read once.
             results = pipe.generate_ids([it.prompt_ids for it in batch], [it.request.speaker for it in batch],
-                                        audio=[it.audio for it in batch], text_only=FLAGS.text_only,
+                                        audio=[it.audio for it in batch], visual=[it.visual for it in batch],
+                                        text_only=FLAGS.text_only,
                                         max_new_tokens=max_new, talker_max_new_tokens=talker_max, sampling=thinker_s,
                                         talker_sampling=talker_s, seed=FLAGS.seed + bi)
         except Exception as e:  # noqa: BLE001 - one failing batch must not end the job

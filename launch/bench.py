@@ -41,7 +41,8 @@ from tools.bench.phases import DEFINITIONS, PHASE_FNS  # noqa: E402
 from tools.bench.report import print_table  # noqa: E402
 from tools.bench.roofline import measure_machine  # noqa: E402
 
-PHASES = ("prefill", "decode", "talker", "code2wav", "e2e", "audio_encoder", "vocoder_stream", "roofline")
+PHASES = ("prefill", "decode", "talker", "code2wav", "e2e", "audio_encoder", "vision_encoder", "vocoder_stream",
+          "roofline")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "tiny | bench | path to an HF-format config.json.")
@@ -67,8 +68,12 @@ flags.DEFINE_integer("vocoder_long_chunks", 205, "Chunks of --stream_chunk frame
 flags.DEFINE_float("audio_seconds", 30.0, "Audio per call in the audio-encoder phase.")
 flags.DEFINE_string("audio_config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                                  "qwen3_omni_30b_a3b_instruct.json"),
-                    "config.json whose thinker_config.audio_config the audio-encoder phase builds (default: the real "
-                    "one, 32 layers x 1280).")
+                    "config.json whose thinker_config.audio_config / vision_config the audio- and vision-encoder "
+                    "phases build (default: the real ones, 32 layers x 1280 / 27 blocks x 1152).")
+flags.DEFINE_list("vision_image_size", ["1280", "720"], "Width, height of the vision-encoder phase's image (and its "
+                  "video's frames).")
+flags.DEFINE_float("vision_video_seconds", 10.0, "Seconds of 2 fps video in the vision-encoder phase (0: image only).",
+                   lower_bound=0.0)
 flags.DEFINE_integer("max_len", 1024, "Our KV-cache length (must hold prompt_len + 1 and the e2e prompt + reply).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                   "Our dtype in the side-by-side (transformers always runs float32).")
@@ -91,13 +96,27 @@ def _parse_what(what: str) -> list[str]:
     return todo
 
 
-def _audio_config(path: str) -> dict:
-    """The audio-encoder phase's config: our AudioEncoderConfig and transformers' dict, from one config.json."""
-    from omni_jax.config import AudioEncoderConfig
+def _encoder_configs(path: str) -> dict:
+    """The audio- and vision-encoder phases' configs: ours and transformers' dicts, from one config.json."""
+    from omni_jax.config import AudioEncoderConfig, VisionEncoderConfig
 
     with open(path) as f:
-        hf = json.load(f)["thinker_config"]["audio_config"]
-    return {"audio_cfg": AudioEncoderConfig.from_hf(hf, "thinker_config.audio_config"), "audio_hf_dict": hf}
+        th = json.load(f)["thinker_config"]
+    audio, vision = th["audio_config"], th["vision_config"]
+    return {"audio_cfg": AudioEncoderConfig.from_hf(audio, "thinker_config.audio_config"), "audio_hf_dict": audio,
+            "vision_cfg": VisionEncoderConfig.from_hf(vision, "thinker_config.vision_config"), "vision_hf_dict": vision}
+
+
+def _image_size(value: list[str]) -> tuple[int, int]:
+    from omni_jax.errors import UsageError
+
+    try:
+        w, h = (int(v) for v in value)
+    except ValueError:
+        raise UsageError(f"--vision_image_size must be two integers WIDTH,HEIGHT, got {value}") from None
+    if min(w, h) < 1:
+        raise UsageError(f"--vision_image_size must be positive, got {w},{h}")
+    return w, h
 
 
 def run_phases(ctx: Ctx, todo: list[str]) -> dict:
@@ -184,7 +203,8 @@ def main(argv):
                   stream_chunk=FLAGS.stream_chunk, stream_first_chunk=FLAGS.stream_first_chunk,
                   vocoder_chunks=vocoder_chunks, vocoder_calls=FLAGS.vocoder_calls,
                   vocoder_long_chunks=FLAGS.vocoder_long_chunks, eos=eos, prompt_ids=pipe.encode(FLAGS.prompt),
-                  audio_seconds=FLAGS.audio_seconds, **_audio_config(FLAGS.audio_config))
+                  audio_seconds=FLAGS.audio_seconds, vision_image_size=_image_size(FLAGS.vision_image_size),
+                  vision_video_seconds=FLAGS.vision_video_seconds, **_encoder_configs(FLAGS.audio_config))
     ctx = Ctx(pipe=pipe, hf=hf, dtype_bytes=4 if FLAGS.dtype == "float32" else 2, **common)
     report["phases"] = run_phases(ctx, todo)
     print_table(f"omni_jax ({FLAGS.dtype}) vs transformers (float32, CPU) -- config {name}, medians of "

@@ -7,14 +7,18 @@
   python launch/infer.py --interactive --checkpoint=DIR         # chat on stdin; /reset, /exit
   python launch/infer.py --prompt="hi" --stream --output=- | aplay -f S16_LE -r 24000 -c 1   # streamed speech
   python launch/infer.py --checkpoint=DIR --audio=question.wav [--audio=more.flac] [--prompt="..."]  # speech in
+  python launch/infer.py --checkpoint=DIR --image=cat.jpg --prompt="What is this?"               # images in
+  python launch/infer.py --checkpoint=DIR --video=clip.mp4 --use_audio_in_video --prompt="What happens?"
 
 Speech is on by default and written to --output (default output.wav; --output= writes none).
 --dump_dir additionally writes tokens.json (prompt ids with the audio placeholders expanded),
 prompt_logits.npy (float32 [vocab] at the last prompt position), codes.npy (int32 [16, frames]),
-audio.wav and, with --audio, audio_embeds.npy (float32 [audio tokens, hidden]: the encoder rows).
+audio.wav, position_ids.npy (float32 [3, prompt length]: the thinker's M-RoPE positions), with --audio
+audio_embeds.npy (float32 [audio tokens, hidden]: the encoder rows) and with --image / --video
+vision_embeds.npy (float32 [image + video tokens, hidden]: the merger rows, in prompt order).
 --interactive keeps the conversation (each reply is appended to the message history), writes
 turn_<n>.wav next to --output and, with --dump_dir, turn_<n>/{tokens.json,...}; a line
-`/audio PATH` is a spoken turn (that file as the user's message).
+`/audio PATH`, `/image PATH` or `/video PATH` is a turn with that file as the user's message.
 Without --checkpoint the tiny config runs with deterministic random weights (smoke test only).
 """
 
@@ -41,6 +45,11 @@ flags.DEFINE_string("prompt_file", None, "File whose contents are the user messa
 flags.DEFINE_string("input_ids", None, "Comma-separated exact prompt token ids (no template).")
 flags.DEFINE_multi_string("audio", [], "Audio file for the user turn (anything soundfile reads: WAV, FLAC, OGG, "
                           "MP3; any rate and channel count); repeatable; with or without --prompt.")
+flags.DEFINE_multi_string("image", [], "Image file for the user turn (anything Pillow reads); repeatable.")
+flags.DEFINE_multi_string("video", [], "Video file for the user turn (anything PyAV/FFmpeg decodes; frames sampled at "
+                          "2 fps); repeatable.")
+flags.DEFINE_bool("use_audio_in_video", False, "Each --video's own audio track joins the prompt, interleaved with its "
+                  "frames by time.")
 flags.DEFINE_string("system", None, "Optional system message.")
 flags.DEFINE_bool("interactive", False, "Chat on stdin, keeping the history; '/reset' clears it, '/exit' or EOF quits "
                   "(turn n samples with --seed + n - 1).")
@@ -61,17 +70,25 @@ def _prompt_given() -> list[str]:
     return [f for f in ("prompt", "prompt_file", "input_ids") if getattr(FLAGS, f) is not None]
 
 
+def _media_given() -> list[str]:
+    return [f for f in ("audio", "image", "video") if getattr(FLAGS, f)]
+
+
 def _check_flags() -> None:
     """Flag checks that need neither jax nor the model: they fail in well under a second."""
-    given = _prompt_given()
+    given, media = _prompt_given(), _media_given()
     if FLAGS.interactive:
-        if given or FLAGS.audio:
-            raise UsageError(f"--interactive reads the prompts (and /audio PATH lines) from stdin; drop "
-                             f"--{', --'.join(given + (['audio'] if FLAGS.audio else []))}")
-    elif FLAGS.audio and FLAGS.input_ids is not None:
-        raise UsageError("--input_ids are exact ids without audio; use --prompt or --prompt_file with --audio")
-    elif len(given) > 1 or (not given and not FLAGS.audio):
-        raise UsageError(f"give exactly one of --prompt, --prompt_file, --input_ids, or --audio (got {given or 'none'})")
+        if given or media:
+            raise UsageError(f"--interactive reads the prompts (and /audio, /image, /video PATH lines) from stdin; "
+                             f"drop --{', --'.join(given + media)}")
+    elif media and FLAGS.input_ids is not None:
+        raise UsageError(f"--input_ids are exact ids without media; use --prompt or --prompt_file with "
+                         f"--{', --'.join(media)}")
+    elif len(given) > 1 or (not given and not media):
+        raise UsageError(f"give exactly one of --prompt, --prompt_file, --input_ids, or --audio / --image / --video "
+                         f"(got {given or 'none'})")
+    if FLAGS.use_audio_in_video and not FLAGS.video and not FLAGS.interactive:
+        raise UsageError("--use_audio_in_video needs a --video")
     if FLAGS.stream:
         bad = [f for f in ("interactive", "text_only", "dump_dir") if getattr(FLAGS, f)]
         if bad:
@@ -103,21 +120,27 @@ def _prompt_text() -> str | None:
     return text
 
 
-def _user_message(text: str | None, audio: list) -> dict:
-    """The user turn: plain text, or the audio clips then the text as content parts."""
-    if not audio:
+def _user_message(text: str | None, audio: list, images: list = (), videos: list = ()) -> dict:
+    """The user turn: plain text, or the images, videos and audio clips then the text as content parts."""
+    parts = ([{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
+             + [{"type": "audio", "audio": a} for a in audio])
+    if not parts:
         return {"role": "user", "content": text}
-    parts = [{"type": "audio", "audio": a} for a in audio]
     return {"role": "user", "content": parts + ([{"type": "text", "text": text}] if text else [])}
 
 
-def _prompt(tokenizer, config, text: str | None) -> tuple[list[int], list]:
-    """(prompt ids, audio features per clip); every --audio file is read and checked here, before the weights load."""
+def _prompt(tokenizer, config, text: str | None):
+    """prompt_lib.PromptInputs (ids, audio features, images / videos); every --audio, --image and --video file is
+    read and checked here, before the weights load."""
+    from omni_jax.processing.vision import processor_for_model
     from omni_jax.runtime import prompt as prompt_lib
 
     if FLAGS.input_ids is not None:
-        return _prompt_ids(config.thinker.text.vocab_size), []
-    return prompt_lib.encode_messages(tokenizer, config, _system_messages() + [_user_message(text, FLAGS.audio)])
+        return prompt_lib.PromptInputs(_prompt_ids(config.thinker.text.vocab_size), [], [])
+    processor = processor_for_model(FLAGS.checkpoint, config.thinker.vision) if config.thinker.vision else None
+    message = _user_message(text, FLAGS.audio, FLAGS.image, FLAGS.video)
+    return prompt_lib.encode_messages(tokenizer, config, _system_messages() + [message], processor=processor,
+                                      use_audio_in_video=FLAGS.use_audio_in_video)
 
 
 def _prompt_ids(vocab_size: int) -> list[int]:
@@ -164,18 +187,18 @@ def _run():
         checks.check_speech(config, FLAGS.checkpoint)
         config.talker.speaker(FLAGS.speaker)  # unknown speaker -> UsageError listing the known ones
     mesh = shared.make_mesh_flag(FLAGS.mesh, config)
-    prompt, audio, front_end_s = None, [], 0.0
+    prompt, audio, visual, front_end_s = None, [], [], 0.0
     if not FLAGS.interactive:
         t0 = time.perf_counter()
-        prompt, audio = _prompt(load_tokenizer(FLAGS.checkpoint), config, text)
-        front_end_s = time.perf_counter() - t0  # template + reading and featurizing the audio
+        prompt, audio, visual = _prompt(load_tokenizer(FLAGS.checkpoint), config, text)
+        front_end_s = time.perf_counter() - t0  # template + reading and featurizing the audio, images and videos
         from omni_jax.runtime import prompt as prompt_lib
 
-        prompt_lib.check_fits(config, len(prompt), audio, FLAGS.max_new_tokens, FLAGS.max_len)
+        prompt_lib.check_fits(config, len(prompt), audio, FLAGS.max_new_tokens, FLAGS.max_len, visual=visual)
     pipe = OmniPipeline.load(FLAGS.checkpoint, dtype=dtype, max_len=FLAGS.max_len, mesh=mesh,
                              prefill_chunk=FLAGS.prefill_chunk)
     if FLAGS.stream:
-        return _stream(pipe, samplings, prompt, audio, front_end_s)
+        return _stream(pipe, samplings, prompt, audio, front_end_s, visual)
     primary = is_primary()  # every process computes; only process 0 prints and writes
     say = print if primary else (lambda *a, **k: None)
     if pipe.random_weights:
@@ -184,17 +207,17 @@ def _run():
     if FLAGS.interactive:
         _chat(pipe, samplings, say, primary)
         return
-    res = _answer(pipe, prompt, samplings, FLAGS.seed, audio)
+    res = _answer(pipe, prompt, samplings, FLAGS.seed, audio, visual)
     if primary:
         _report(pipe, res, FLAGS.output or None, FLAGS.dump_dir)
 
 
-def _answer(pipe, prompt: list[int], samplings, seed: int, audio=()):
+def _answer(pipe, prompt: list[int], samplings, seed: int, audio=(), visual=()):
     text, talker = samplings
     (res,) = pipe.generate_ids(
         [prompt], FLAGS.speaker, text_only=FLAGS.text_only, max_new_tokens=FLAGS.max_new_tokens,
         talker_max_new_tokens=FLAGS.talker_max_new_tokens, sampling=text, talker_sampling=talker, seed=seed,
-        audio=[list(audio)],
+        audio=[list(audio)], visual=[list(visual)],
     )
     return res
 
@@ -227,6 +250,11 @@ def _report(pipe, res, wav_path: str | None, dump_dir: str | None, label: str = 
             np.save(os.path.join(dump_dir, "prompt_logits.npy"), np.asarray(res.prompt_logits, np.float32))
         if res.audio_embeds is not None:
             np.save(os.path.join(dump_dir, "audio_embeds.npy"), np.asarray(res.audio_embeds, np.float32))
+        if res.vision_embeds is not None:
+            np.save(os.path.join(dump_dir, "vision_embeds.npy"), np.asarray(res.vision_embeds, np.float32))
+        n = len(res.prompt_ids)  # a prompt without images or videos has text positions: t = h = w running
+        positions = res.position_ids if res.position_ids is not None else np.broadcast_to(np.arange(n), (3, n))
+        np.save(os.path.join(dump_dir, "position_ids.npy"), np.asarray(positions, np.float32))
         with open(os.path.join(dump_dir, "tokens.json"), "w", encoding="utf-8") as f:
             json.dump(doc, f, ensure_ascii=False)
         print(f"wrote {dump_dir}")
@@ -263,13 +291,15 @@ def _chat(pipe, samplings, say, primary: bool) -> None:
             say("[history cleared]", flush=True)
             continue
         content = text
-        if text == "/audio" or text.startswith("/audio "):
-            content = [{"type": "audio", "audio": text[len("/audio"):].strip()}]
+        for kind in ("audio", "image", "video"):
+            if text == f"/{kind}" or text.startswith(f"/{kind} "):
+                content = [{"type": kind, kind: text[len(kind) + 1:].strip()}]
         messages = history + [{"role": "user", "content": content}]
         try:
-            # The whole history is re-rendered, earlier clips included (their files are read again).
-            prompt, audio = pipe.prepare(Request(messages=messages))
-            res = _answer(pipe, prompt, samplings, FLAGS.seed + turn, audio)
+            # The whole history is re-rendered, earlier files included (they are read again).
+            prompt, audio, visual = pipe.prepare(Request(messages=messages,
+                                                         use_audio_in_video=FLAGS.use_audio_in_video))
+            res = _answer(pipe, prompt, samplings, FLAGS.seed + turn, audio, visual)
         except ValueError as e:  # a bad file, or the history outgrew --max_len: report, keep the session
             say(f"error: {e} (turn not added; /reset clears the history)", flush=True)
             continue
@@ -281,7 +311,7 @@ def _chat(pipe, samplings, say, primary: bool) -> None:
             _report(pipe, res, wav, dump, label=f"turn {turn}: ", extra={"messages": messages})
 
 
-def _stream(pipe, samplings, prompt: list[int], audio, front_end_s: float) -> None:
+def _stream(pipe, samplings, prompt: list[int], audio, front_end_s: float, visual=()) -> None:
     """--stream: text deltas and progressive audio (omni_jax.cli.output; latencies printed at the end)."""
     from omni_jax.cli.output import stream_to_outputs
 
@@ -293,7 +323,7 @@ def _stream(pipe, samplings, prompt: list[int], audio, front_end_s: float) -> No
     stream = pipe.stream(prompt, speaker=FLAGS.speaker, max_new_tokens=FLAGS.max_new_tokens,
                          talker_max_new_tokens=FLAGS.talker_max_new_tokens, sampling=text, talker_sampling=talker,
                          seed=FLAGS.seed, chunk_frames=FLAGS.stream_chunk,
-                         first_chunk_frames=FLAGS.stream_first_chunk, audio=list(audio))
+                         first_chunk_frames=FLAGS.stream_first_chunk, audio=list(audio), visual=list(visual))
     stream.front_end_s = front_end_s  # the features were made before the weights loaded
     stream_to_outputs(stream, FLAGS.output or None, pipe.sample_rate, text_out=log)
     if FLAGS.output and FLAGS.output != "-":

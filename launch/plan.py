@@ -39,7 +39,7 @@ from omni_jax.sharding import mesh as mesh_lib  # noqa: E402  (jax-free)
 # Facts of the released checkpoint (from its tensor manifest), for comparison with what we build.
 FULL_CHECKPOINT_PARAMS = 35_259_818_545
 CHECKPOINT_COMPONENT_PARAMS = {"audio_tower": 647_927_168, "visual": 538_631_408}
-STEPS = ("thinker_decode", "thinker_prefill", "talker_step", "audio_encoder")
+STEPS = ("thinker_decode", "thinker_prefill", "talker_step", "audio_encoder", "vision_encoder")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", os.path.join(ROOT, "configs", "qwen3_omni_30b_a3b_instruct.json"), "Model config.json.")
@@ -51,6 +51,8 @@ flags.DEFINE_integer("prefill_len", 256, "Tokens per prefill chunk (launch/infer
                      "scores grow with it.", lower_bound=1)
 flags.DEFINE_integer("talker_trailing", 512, "Talker trailing-text columns (step input).", lower_bound=1)
 flags.DEFINE_float("audio_seconds", 30.0, "Audio per audio-encoder call (one request's clips).", lower_bound=0.01)
+flags.DEFINE_list("image_size", ["1280", "720"], "Width, height of the vision-encoder step's image (the released "
+                  "processor's bounds resize it).")
 flags.DEFINE_string("moe_impl", "auto", "MoE dispatch of the prefill step (omni_jax.runtime.layout.MOE_IMPLS).")
 flags.DEFINE_string("decode_moe_impl", "auto", "MoE dispatch of the decode and talker steps.")
 flags.DEFINE_list("steps", list(STEPS), f"Steps to plan, from {', '.join(STEPS)}.")
@@ -248,6 +250,31 @@ def plan(num_devices: int) -> dict:
 
         analyse("audio_encoder", lower_audio, counts["audio_tower"][0], 0, 0, PartitionSpec(), param_shards=1)
         report["steps"]["audio_encoder"].update(audio_seconds=FLAGS.audio_seconds, grid_windows=windows)
+
+    if "vision_encoder" in FLAGS.steps and "visual" in counts:
+        # Replicated like the audio encoder: one image per call, its frame grid bucketed as the runtime buckets it.
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from omni_jax.processing.vision import VisualInput, image_grid, processor_for_model
+        from omni_jax.runtime.vision_encoder import VisionEncoderSteps
+
+        vcfg = config.thinker.vision
+        width, height = (int(v) for v in FLAGS.image_size)
+        grid = image_grid(width, height, processor_for_model(None, vcfg))
+        frames, frame_len = VisionEncoderSteps(vcfg).grid_for([VisualInput("image", None, grid)])
+        replicated = NamedSharding(mesh, PartitionSpec())
+
+        def lower_vision(dt):
+            steps = VisionEncoderSteps(vcfg, dt)
+            params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                            registry.abstract_params(config, dt, ("visual",))["visual"])
+            sds = lambda shape, d: jax.ShapeDtypeStruct((frames, frame_len) + shape, d, sharding=replicated)  # noqa
+            return steps.fn.lower({"params": params}, sds((vcfg.patch_dim,), jnp.float32), sds((), jnp.bool_),
+                                  sds((2,), jnp.int32), sds((4,), jnp.int32), sds((4,), jnp.float32))
+
+        analyse("vision_encoder", lower_vision, counts["visual"][0], 0, 0, PartitionSpec(), param_shards=1)
+        report["steps"]["vision_encoder"].update(image_size=[width, height], grid=list(grid),
+                                                 grid_bucket=[frames, frame_len])
 
     print(json.dumps(report, indent=1))
     return report

@@ -37,6 +37,8 @@ flags.DEFINE_integer("slots", 8, "Concurrent sequences (decode slots in every st
 flags.DEFINE_string("api_key", None, "Key clients must send as 'Authorization: Bearer <key>' (default: "
                     "$OMNI_JAX_API_KEY; none: no check).")
 flags.DEFINE_float("max_request_mb", 32.0, "Largest request body accepted, in MB.", lower_bound=0.001)
+flags.DEFINE_string("media_dir", None, "image_url / video_url parts may name local files under this directory "
+                    "(default: data: URLs only; nothing is ever fetched from the network).")
 flags.DEFINE_float("max_audio_seconds", 300.0, "Longest audio input accepted per content part, in seconds.",
                    lower_bound=0.1)
 flags.DEFINE_integer("default_max_tokens", 512, "A request's text budget when it sets none (capped by max_len).",
@@ -86,7 +88,8 @@ def main(argv):
         logging.info("warm-up (compiles) took %.1f s", time.perf_counter() - t0)
     app = create_app(engine, model_name=FLAGS.model_name, api_key=api_key,
                      max_request_bytes=int(FLAGS.max_request_mb * (1 << 20)),
-                     max_audio_seconds=FLAGS.max_audio_seconds, default_max_tokens=FLAGS.default_max_tokens)
+                     max_audio_seconds=FLAGS.max_audio_seconds, default_max_tokens=FLAGS.default_max_tokens,
+                     media_dir=FLAGS.media_dir)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=FLAGS.grace_s))
     # uvicorn re-raises the signal it shut down on once it returns; with this handler in place that is a no-op,

@@ -297,6 +297,7 @@ class TalkerConfig:
     audio_token_id: int
     image_token_id: int
     video_token_id: int
+    position_id_per_seconds: float = 25.0  # its own M-RoPE time steps per second (transformers' talker reads its own)
 
     def speaker(self, name: str) -> int:
         """Speaker codec id, case-insensitive; unknown names list the known ones."""
@@ -372,7 +373,7 @@ def parse_config(tree: Mapping[str, Any]) -> OmniConfig:
         vision_end_token_id=int(th.get("vision_end_token_id", 151653)),
         audio_start_token_id=int(th.get("audio_start_token_id", 151669)),
         audio_end_token_id=int(th.get("audio_end_token_id", 151670)),
-        position_id_per_seconds=float(th.get("position_id_per_seconds", 13)),
+        position_id_per_seconds=float(th.get("position_id_per_seconds", 25)),  # transformers' default
     )
     if thinker.vision is not None:  # merger rows replace token embeddings; deepstack rows add to layer outputs
         _check(thinker.vision.out_hidden_size == th_text.hidden_size, "thinker_config.vision_config.out_hidden_size",
@@ -407,6 +408,7 @@ def parse_config(tree: Mapping[str, Any]) -> OmniConfig:
         audio_token_id=int(tk.get("audio_token_id", thinker.audio_token_id)),
         image_token_id=int(tk.get("image_token_id", thinker.image_token_id)),
         video_token_id=int(tk.get("video_token_id", thinker.video_token_id)),
+        position_id_per_seconds=float(tk.get("position_id_per_seconds", 25)),
     )
     _check(
         talker.thinker_hidden_size == th_text.hidden_size,

@@ -70,16 +70,21 @@ def main(ckpt: str, prompts_json: str, out_dir: str) -> None:
         n = math.prod(int(x) for x in re.findall(r"\d+", name))
         mesh = make_mesh(name, devices=jax.devices()[:n])
         pipe = OmniPipeline.load(ckpt, dtype=jnp.float32, max_len=job["max_len"], mesh=mesh)
-        audio = None
-        if "audio_features" in job:  # per row, its clips' log-mel features (npz keys feat_<row>_<clip>)
-            feats = np.load(job["audio_features"])
-            audio = [[feats[f"feat_{r}_{c}"] for c in range(n)] for r, n in enumerate(job["audio_counts"])]
+        audio = visual = None
+        if "media" in job:  # per row, its clips' log-mel features (npz keys feat_<row>_<clip>) and its images /
+            # videos (patches vis_<row>_<item>; kind, grid and seconds per grid in the job)
+            from omni_jax.processing.vision import VisualInput
+
+            media = np.load(job["media"])
+            audio = [[media[f"feat_{r}_{c}"] for c in range(n)] for r, n in enumerate(job["audio_counts"])]
+            visual = [[VisualInput(kind, media[f"vis_{r}_{i}"], tuple(grid), spg)
+                       for i, (kind, grid, spg) in enumerate(items)] for r, items in enumerate(job["visual"])]
         res = pipe.generate_ids(job["prompts"], job["speakers"], max_new_tokens=job["thinker_new"],
                                 talker_max_new_tokens=job["talker_new"], talker_sampling=TalkerSampling.greedy(),
-                                eos_ids=job["eos_ids"], audio=audio)
+                                eos_ids=job["eos_ids"], audio=audio, visual=visual)
         if audio is None:
             logits = _prefill_logits(pipe, job["prompts"])
-        else:  # the prompt logits at the last position, audio rows merged in (the engine's own prefill)
+        else:  # the prompt logits at the last position, encoder rows merged in (the engine's own prefill)
             logits = np.stack([r.prompt_logits for r in res])
         arrays = {"logits": logits}
         for row, r in enumerate(res):

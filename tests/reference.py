@@ -41,10 +41,14 @@ VARIANTS = {
 # (written into config.json, so a converted checkpoint carries them).
 SPECIAL = dict(im_start_token_id=1000, im_end_token_id=1001, system_token_id=1002, user_token_id=1003,
                assistant_token_id=1004, tts_pad_token_id=1005, tts_bos_token_id=1006, tts_eos_token_id=1007)
-# transformers' thinker rope index reads these; tiny.json leaves them out. The audio ids sit below the fixture vocab
-# too, so prompts can carry audio placeholders.
-THINKER_EXTRA = dict(vision_start_token_id=151652, audio_token_id=1008, audio_start_token_id=1009,
-                     audio_end_token_id=1010)
+# transformers' thinker rope index reads these; tiny.json leaves them out. The audio and vision ids sit below the
+# fixture vocab too, so prompts can carry audio, image and video placeholders.
+THINKER_EXTRA = dict(audio_token_id=1008, audio_start_token_id=1009, audio_end_token_id=1010,
+                     vision_start_token_id=1011, vision_end_token_id=1012, image_token_id=1013, video_token_id=1014)
+#: The talker's copies of those ids (transformers' talker reads its own config; the released one repeats the
+#: thinker's values, position_id_per_seconds 13 included).
+TALKER_EXTRA = dict(audio_token_id=1008, audio_start_token_id=1009, vision_start_token_id=1011, image_token_id=1013,
+                    video_token_id=1014, position_id_per_seconds=13)
 
 # A talker unlike tiny.json's: more heads, 1-D-ish M-RoPE split, 6 experts top-3 without renormalisation,
 # a 3-layer code predictor with one KV head.

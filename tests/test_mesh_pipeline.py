@@ -50,6 +50,7 @@ def mesh_reference(tmp_path_factory):
     cfg = reference.hf_config_dict(reference.tiny_config_dict())
     cfg.update(SPECIAL)
     cfg["thinker_config"].update(THINKER_EXTRA)
+    cfg["talker_config"].update(reference.TALKER_EXTRA)
     hf = reference.build_hf_model(cfg, seed=SEED)
     hf_dir = reference.save_hf_model(hf, str(tmp_path_factory.mktemp("mesh_pipe_hf")))
     work = tmp_path_factory.mktemp("mesh_pipe")
@@ -109,32 +110,35 @@ def test_pipeline_under_mesh_matches_transformers(mesh_reference, spec):
 
 
 @pytest.mark.heavy
-def test_spoken_questions_under_tp4ep8_match_transformers(mesh_reference):
-    """Audio in under the production mesh (expert-parallel thinker and talker; the audio encoder replicated): two
-    rows with different audio lengths, each equal to transformers' generate with input_features."""
-    from tests.test_pipeline import _audio_prompt, _clip, hf_audio_inputs
+def test_spoken_and_visual_questions_under_tp4ep8_match_transformers(mesh_reference):
+    """Audio, images and video in under the production mesh (expert-parallel thinker and talker; the encoders
+    replicated): a spoken question and a question about two images and a video, in one batch, each equal to
+    transformers' generate with input_features / pixel_values (deepstack and 3-D positions included)."""
+    from tests.test_pipeline import _audio_prompt, _clip, _hf_visual, _tiny_visuals, _vision_prompt, hf_audio_inputs
     from omni_jax.models.audio_encoder import rows_for_frames
     from omni_jax.processing import audio as audio_lib
 
     ckpt, work, _, job, hf = mesh_reference
-    n_mels = 16
     rng = np.random.default_rng(7)
-    clips = [[130], [70, 45]]
-    feats = {f"feat_{r}_{c}": audio_lib.log_mel(_clip(rng, n), n_mels) for r, row in enumerate(clips)
-             for c, n in enumerate(row)}
-    prompts = [_audio_prompt(rng, [rows_for_frames(n, 100) for n in row]) for row in clips]
-    np.savez(work / "audio_feats.npz", **feats)
-    audio_job = dict(job, prompts=prompts, audio_features=str(work / "audio_feats.npz"),
-                     audio_counts=[len(c) for c in clips])
-    report, got = _run_mesh(ckpt, work, audio_job, "tp4ep8", tag="_audio")
+    feats = audio_lib.log_mel(_clip(rng, 130), 16)
+    images, [video] = _tiny_visuals(rng)
+    visual = images + [video]
+    pad = {"image": THINKER_EXTRA["image_token_id"], "video": THINKER_EXTRA["video_token_id"]}
+    prompts = [_audio_prompt(rng, [rows_for_frames(130, 100)]),
+               _vision_prompt(rng, [[pad[v.kind]] * v.tokens(2) for v in visual])]
+    np.savez(work / "media.npz", feat_0_0=feats, **{f"vis_1_{i}": v.patches for i, v in enumerate(visual)})
+    media_job = dict(job, prompts=prompts, media=str(work / "media.npz"), audio_counts=[1, 0],
+                     visual=[[], [[v.kind, list(v.grid), v.seconds_per_grid] for v in visual]])
+    report, got = _run_mesh(ckpt, work, media_job, "tp4ep8", tag="_media")
     run = report["runs"]["tp4ep8"]
+    extras = [hf_audio_inputs([feats]), _hf_visual(visual)]
     for r, (prompt, speaker) in enumerate(zip(prompts, SPEAKERS)):
-        extra = hf_audio_inputs([feats[f"feat_{r}_{c}"] for c in range(len(clips[r]))])
         tokens, codes, wav = reference.hf_generate(hf, prompt, speaker, THINKER_NEW, TALKER_NEW,
-                                                   SPECIAL["im_end_token_id"], **extra)
+                                                   SPECIAL["im_end_token_id"], **extras[r])
+        ids = torch.tensor([prompt])
         with torch.no_grad():
-            logits = hf.thinker(input_ids=torch.tensor([prompt]), **extra).logits[0, -1].numpy()
-        print(f"audio row {r}: logits rel L2 {_rel_l2(got['logits'][r], logits):.2e}, wav rel L2 "
+            logits = hf.thinker(input_ids=ids, attention_mask=torch.ones_like(ids), **extras[r]).logits[0, -1].numpy()
+        print(f"row {r}: logits rel L2 {_rel_l2(got['logits'][r], logits):.2e}, wav rel L2 "
               f"{_rel_l2(got[f'wav_{r}'], wav):.2e}")
         assert _rel_l2(got["logits"][r], logits) <= 1e-5
         assert run["tokens"][r] == tokens

@@ -59,6 +59,7 @@ class Case:
             cfg["talker_config"][sub].update(copy.deepcopy(over))
         cfg.update(SPECIAL)
         cfg["thinker_config"].update(THINKER_EXTRA)
+        cfg["talker_config"].update(reference.TALKER_EXTRA)
         self.hf = reference.build_hf_model(cfg, seed=seed)
         hf_dir = reference.save_hf_model(self.hf, str(tmp_path_factory.mktemp(f"pipe_hf_{name}")))
         ckpt = str(tmp_path_factory.mktemp(f"pipe_ckpt_{name}") / "ckpt")
@@ -241,7 +242,7 @@ def test_thinker_only_checkpoint_matches_hf(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("thinker_only_ckpt") / "ckpt")
     convert_checkpoint(hf_dir, ckpt, dtype="float32", progress=False)
     pipe = OmniPipeline.load(ckpt, dtype=jnp.float32, max_len=MAX_LEN)
-    assert not pipe.has_speech and set(pipe.params) == {"thinker", "audio_tower"}
+    assert not pipe.has_speech and set(pipe.params) == {"thinker", "audio_tower", "visual"}
     rng = np.random.default_rng(31)
     cfg_a = pipe.config.thinker.audio
     feats = [audio_lib.log_mel(_clip(rng, 90), cfg_a.num_mel_bins)]
@@ -257,3 +258,147 @@ def test_thinker_only_checkpoint_matches_hf(tmp_path_factory):
         assert ours[row].token_ids == seq[0, len(prompt):].tolist()
     with pytest.raises(UsageError, match="no talker/code2wav weights"):
         pipe.generate_ids(prompts[:1], max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------- images and videos
+
+#: Pixel bounds small enough for MAX_LEN (the tiny tower's patch is 4 px, so a merged token covers 8 x 8 px).
+TINY_PIXELS = dict(patch_size=4, min_pixels=64, max_pixels=32 * 32, video_min_pixels=64, video_max_pixels=16 * 16)
+
+
+def _vision_prompt(rng, spans: list[list[int]], text_len: int = 3) -> list[int]:
+    """A user turn holding each span (placeholder ids, already expanded) between vision start / end, then text."""
+    s, a = SPECIAL, THINKER_EXTRA
+    out = [s["im_start_token_id"], s["user_token_id"]]
+    for span in spans:
+        out += [a["vision_start_token_id"]] + span + [a["vision_end_token_id"]]
+    out += [int(t) for t in rng.integers(0, 999, text_len)] + [s["im_end_token_id"], 198]
+    return out + [s["im_start_token_id"], s["assistant_token_id"], 198]
+
+
+def _hf_visual(items) -> dict:
+    """transformers' image / video arguments for one row's items."""
+    out = {}
+    for kind, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos",
+                                                                          "video_grid_thw")):
+        its = [v for v in items if v.kind == kind]
+        if its:
+            out[pix] = torch.tensor(np.concatenate([v.patches for v in its]))
+            out[grid] = torch.tensor([list(v.grid) for v in its])
+            if kind == "video":
+                out["video_second_per_grid"] = torch.tensor([v.seconds_per_grid for v in its])
+    return out
+
+
+def _tiny_visuals(rng):
+    """Row 0: two images (different sizes and aspects); row 1: a 3 fps, 2 s video (sampled to 4 frames at 2 fps)."""
+    from omni_jax.processing import video as video_lib
+    from omni_jax.processing import vision as vision_lib
+
+    cfg = vision_lib.VisionProcessorConfig(**TINY_PIXELS)
+    img = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
+    images = [vision_lib.image_input(img(24, 23), cfg), vision_lib.image_input(img(14, 30), cfg)]
+    video = video_lib.frames_input(rng.integers(0, 256, (6, 18, 14, 3), dtype=np.uint8), 3.0, cfg)
+    return [images, [video]]
+
+
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
+def test_image_and_video_questions_match_hf(cases):
+    """Images and a video in, speech out: greedy tokens, codes and waveform equal transformers' generate with
+    pixel_values / pixel_values_videos (deepstack included), the prompt logits too; the rows that replaced the
+    placeholders and the M-RoPE positions come back for the dump."""
+    c = cases["base"]
+    th = c.pipe.config.thinker
+    rng = np.random.default_rng(11)
+    visuals = _tiny_visuals(rng)
+    assert [v.grid for v in visuals[0]] == [(1, 6, 6), (1, 4, 8)] and visuals[1][0].grid == (2, 4, 4)
+    pad = {"image": THINKER_EXTRA["image_token_id"], "video": THINKER_EXTRA["video_token_id"]}
+    prompts = [_vision_prompt(rng, [[pad[v.kind]] * v.tokens(2) for v in row]) for row in visuals]
+    speakers = ["chelsie", "ethan"]
+    ours = c.pipe.generate_ids(prompts, speakers, visual=visuals, max_new_tokens=c.thinker_new,
+                               talker_max_new_tokens=c.talker_new, talker_sampling=TalkerSampling.greedy(),
+                               eos_ids=[SPECIAL["im_end_token_id"]])
+    for row, (prompt, speaker) in enumerate(zip(prompts, speakers)):
+        extra = _hf_visual(visuals[row])
+        hf_tokens, hf_codes, hf_wav = reference.hf_generate(
+            c.hf, prompt, speaker, c.thinker_new, c.talker_new, SPECIAL["im_end_token_id"], **extra)
+        res = ours[row]
+        with torch.no_grad():  # with an attention mask: without one transformers falls back to text positions
+            ids = torch.tensor([prompt])
+            hf_logits = c.hf.thinker(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1].numpy()
+        err = _centered_rel_l2(res.wav, hf_wav)
+        print(f"vision row {row} ({[v.kind for v in visuals[row]]}): logits rel L2 "
+              f"{_rel_l2(res.prompt_logits, hf_logits):.2e}, tokens {res.token_ids} codes {res.codes.shape} "
+              f"wav centered rel L2 {err:.2e}")
+        assert _rel_l2(res.prompt_logits, hf_logits) <= 1e-5
+        assert res.token_ids == hf_tokens
+        np.testing.assert_array_equal(res.codes, hf_codes)
+        assert res.wav.shape == hf_wav.shape and _rel_l2(res.wav, hf_wav) <= 1e-4 and err <= 1e-4
+        n_vis = sum(v.tokens(2) for v in visuals[row])
+        assert res.vision_embeds.shape == (n_vis, th.text.hidden_size) and res.audio_embeds is None
+        assert res.position_ids.shape == (3, len(prompt)) and not np.array_equal(res.position_ids[0],
+                                                                                  res.position_ids[1])
+    # Chunked prefill (positions and deepstack rows cut per chunk, the deltas from the whole prompt) changes nothing.
+    chunked = OmniPipeline(c.pipe.loaded, max_len=MAX_LEN, prefill_chunk=16)
+    again = chunked.generate_ids(prompts, speakers, visual=visuals, max_new_tokens=c.thinker_new,
+                                 talker_max_new_tokens=c.talker_new, talker_sampling=TalkerSampling.greedy(),
+                                 eos_ids=[SPECIAL["im_end_token_id"]])
+    for a, b in zip(ours, again):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_array_equal(a.codes, b.codes)
+
+
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
+def test_video_with_its_audio_track_matches_hf(cases):
+    """use_audio_in_video: a video's frames and its audio track interleaved by time in one span. The thinker's
+    prompt logits and greedy tokens equal transformers' (input_features + pixel_values_videos,
+    use_audio_in_video=True); so do the codes and waveform, with transformers' talker lent what it lacks for this
+    turn: the audio_config its config does not have (without it, it fails on any turn mixing audio with video) and
+    the use_audio_in_video flag its generate() does not forward (without it, its talker positions treat the
+    interleaved span as one plain audio clip while its thinker does not)."""
+    from omni_jax.processing import video as video_lib
+    from omni_jax.processing import vision as vision_lib
+    from omni_jax.runtime import prompt as prompt_lib
+
+    c = cases["base"]
+    th = c.pipe.config.thinker
+    rng = np.random.default_rng(12)
+    track = _clip(rng, 150)  # 1.5 s
+    video = video_lib.frames_input(rng.integers(0, 256, (4, 18, 14, 3), dtype=np.uint8), 2.0,
+                                   vision_lib.VisionProcessorConfig(**TINY_PIXELS), audio=track)
+    feats = [audio_lib.log_mel(track, th.audio.num_mel_bins)]
+    rows = prompt_lib.audio_rows(c.pipe.config, feats)[0]
+    span = video_lib.audio_in_video_span(video, rows, th)
+    prompt = _vision_prompt(rng, [span])
+    assert prompt.count(THINKER_EXTRA["audio_token_id"]) == rows and video.grid == (2, 4, 4)
+    kw = dict(max_new_tokens=c.thinker_new, talker_max_new_tokens=c.talker_new,
+              talker_sampling=TalkerSampling.greedy(), eos_ids=[SPECIAL["im_end_token_id"]])
+    [ours] = c.pipe.generate_ids([prompt], ["aiden"], audio=[feats], visual=[[video]], **kw)
+    extra = dict(hf_audio_inputs(feats), **_hf_visual([video]), use_audio_in_video=True)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        hf_logits = c.hf.thinker(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1].numpy()
+        seq = c.hf.generate(input_ids=ids, return_audio=False, thinker_do_sample=False,
+                            thinker_max_new_tokens=c.thinker_new, thinker_eos_token_id=SPECIAL["im_end_token_id"],
+                            **extra)
+    seq = getattr(seq, "sequences", seq)
+    print(f"audio in video: logits rel L2 {_rel_l2(ours.prompt_logits, hf_logits):.2e}, tokens {ours.token_ids}")
+    assert _rel_l2(ours.prompt_logits, hf_logits) <= 1e-5
+    assert ours.token_ids == seq[0, len(prompt):].tolist()
+    pos_hf, _ = c.hf.thinker.model.get_rope_index(ids, None, extra["video_grid_thw"], torch.ones_like(ids), True,
+                                                  torch.tensor([feats[0].shape[1]]), extra["video_second_per_grid"])
+    np.testing.assert_allclose(ours.position_ids, pos_hf[:, 0].numpy(), atol=1e-4)
+    assert ours.audio_embeds.shape[0] == rows and ours.vision_embeds.shape[0] == video.tokens(2)
+    # transformers' talker cannot run this turn as shipped: it reads audio_config from its own config, which has
+    # none, and generate() does not forward use_audio_in_video to it (so its positions would lay the interleaved span
+    # out as one plain audio clip, unlike its thinker's). Lend it both and its whole generate runs.
+    c.hf.talker.config.audio_config = c.hf.config.thinker_config.audio_config
+    try:
+        hf_tokens, hf_codes, hf_wav = reference.hf_generate(c.hf, prompt, "aiden", c.thinker_new, c.talker_new,
+                                                            SPECIAL["im_end_token_id"], talker_use_audio_in_video=True,
+                                                            **extra)
+    finally:
+        del c.hf.talker.config.audio_config
+    assert hf_tokens == ours.token_ids
+    np.testing.assert_array_equal(ours.codes, hf_codes)
+    assert ours.wav.shape == hf_wav.shape and _centered_rel_l2(ours.wav, hf_wav) <= 1e-4

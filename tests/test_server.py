@@ -167,6 +167,35 @@ def test_audio_input(server):
         assert r.usage.prompt_tokens > 13 and r.choices[0].message.content is not None
 
 
+def _data_url(kind: str, data: bytes, mime: str) -> dict:
+    return {"type": f"{kind}_url", f"{kind}_url": {"url": f"data:{mime};base64," + base64.b64encode(data).decode()}}
+
+
+def test_image_and_video_input(server, tmp_path):
+    """An image_url data: URL answers (the vision rows count in the prompt tokens); a video_url is decoded and its
+    token count checked against --max_len (the tiny server's 128 cannot hold a video: a 400 with the numbers)."""
+    from PIL import Image
+
+    from tests.test_video import write_video
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    c = server.client
+    text_only = c.chat.completions.create(model=MODEL, max_completion_tokens=3, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}]}])
+    r = c.chat.completions.create(model=MODEL, max_completion_tokens=3, temperature=0, messages=[
+        {"role": "user", "content": [_data_url("image", buf.getvalue(), "image/png"),
+                                     {"type": "text", "text": "What is this?"}]}])
+    # 32 x 32 px at the tiny encoder's 8 px per merged token: 16 vision rows + <|vision_start|><|vision_end|>
+    assert r.usage.prompt_tokens == text_only.usage.prompt_tokens + 18 and r.choices[0].message.content is not None
+    frames = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    video = open(write_video(str(tmp_path / "v.mp4"), frames, 2), "rb").read()
+    with pytest.raises(openai.BadRequestError, match="max_len"):
+        c.chat.completions.create(model=MODEL, max_completion_tokens=3, messages=[
+            {"role": "user", "content": [_data_url("video", video, "video/mp4")]}],
+            extra_body={"use_audio_in_video": True})
+
+
 def test_bad_requests_get_openai_errors(server):
     url = server.url + "/v1/chat/completions"
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -191,8 +220,19 @@ def test_bad_requests_get_openai_errors(server):
          "decoded"),
         ("unknown audio format", dict(json=part(_wav_b64(0.5), "ogg"), headers=auth), 400, "format"),
         ("audio too long", dict(json=part(_wav_b64(4.0)), headers=auth), 400, "max_audio_seconds"),
-        ("image input", dict(json=dict(good, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), headers=auth), 400, "image"),
+        ("undecodable image", dict(json=dict(good, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), headers=auth), 400,
+         "cannot read"),
+        ("network image", dict(json=dict(good, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]), headers=auth), 400,
+         "network"),
+        ("local path without --media_dir", dict(json=dict(good, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]), headers=auth), 400, "media_dir"),
+        ("undecodable video", dict(json=dict(good, messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(
+                b"garbage" * 30).decode()}}]}]), headers=auth), 400, "video"),
+        ("bad use_audio_in_video", dict(json=dict(good, use_audio_in_video="yes"), headers=auth), 400,
+         "use_audio_in_video"),
         ("too many tokens", dict(json=dict(good, max_tokens=TINY_MAX_LEN), headers=auth), 400, "max_len"),
         ("n > 1", dict(json=dict(good, n=2), headers=auth), 400, "n"),
         ("unknown model", dict(json=dict(good, model="gpt-4o"), headers=auth), 404, "gpt-4o"),

@@ -165,20 +165,27 @@ def test_chunk_range_and_progressive_wav(pipe, tmp_path):
     assert sf.info(path).frames == 7125 + 7680 + 300
 
 
-def test_spoken_request_streams_like_generate(pipe):
-    """A request with an audio part (the tiny model has a tiny audio tower) streams the same tokens, frames and
-    audio rows as `generate`."""
+def test_spoken_and_image_request_streams_like_generate(pipe):
+    """A request with an audio part and an image part (the tiny model has tiny audio and vision towers) streams the
+    same tokens, frames, encoder rows and 3-D positions as `generate`."""
     from omni_jax.runtime.types import Request
 
     rate = 16000
     clip = (0.3 * np.sin(2 * np.pi * 330 * np.arange(rate // 2) / rate)).astype(np.float32)
+    yy, xx = np.mgrid[0:32, 0:32]
+    image = np.stack([xx * 8, yy * 8, (xx + yy) * 4], axis=-1).astype(np.uint8)
     req = Request(messages=[{"role": "user", "content": [{"type": "audio", "audio": (clip, rate)},
+                                                         {"type": "image", "image": image},
                                                          {"type": "text", "text": "what is it?"}]}])
     kw = dict(max_new_tokens=5, talker_max_new_tokens=9, talker_sampling=TalkerSampling.greedy())
     (ref,) = pipe.generate([req], **kw)
     stream = pipe.stream(req, chunk_frames=4, **kw)
     events = list(stream)
     _check_equal(pipe, ref, stream, events, 4)
-    assert ref.audio_embeds.shape == (7, pipe.config.thinker.text.hidden_size)  # 0.5 s: ceil(50 / 8) rows
+    hidden = pipe.config.thinker.text.hidden_size
+    assert ref.audio_embeds.shape == (7, hidden)  # 0.5 s: ceil(50 / 8) rows
+    assert ref.vision_embeds.shape == (16, hidden)  # 32 x 32 px at 8 px per merged token
     np.testing.assert_array_equal(stream.result.audio_embeds, ref.audio_embeds)
+    np.testing.assert_array_equal(stream.result.vision_embeds, ref.vision_embeds)
+    np.testing.assert_array_equal(stream.result.position_ids, ref.position_ids)
     np.testing.assert_array_equal(stream.result.prompt_logits, ref.prompt_logits)

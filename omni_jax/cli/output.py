@@ -101,8 +101,8 @@ def stream_to_outputs(stream, output: str | None, sample_rate: int,
         f"(first chunk excluded), talker waited {stream.stats.waits}x]\n")
     b = report["breakdown"]
     if b:
-        text_out.write(f"[first audio: front end {fmt(b['front_end_s'])} s, then at audio encoder "
-                       f"{fmt(b['audio_encoder_s'])} / thinker first token {fmt(b['time_to_first_token_s'])} / talker "
+        text_out.write(f"[first audio: front end {fmt(b['front_end_s'])} s, then at encoders "
+                       f"{fmt(b['encoders_s'])} / thinker first token {fmt(b['time_to_first_token_s'])} / talker "
                        f"prefill {fmt(b['talker_prefill_s'])} / code predictor (first frame) "
                        f"{fmt(b['time_to_first_frame_s'])} / first vocoder chunk "
                        f"{fmt(b['time_to_first_audio_s'])} s]\n")

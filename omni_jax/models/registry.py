@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax.config import OmniConfig
-from omni_jax.models import audio_encoder, code2wav, talker, thinker
+from omni_jax.models import audio_encoder, code2wav, talker, thinker, vision_encoder
 from omni_jax.models.rules import Rule
 
 
@@ -49,7 +49,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("thinker", ("thinker.",), thinker),
     Component("audio_tower", ("thinker.audio_tower.",), audio_encoder,
               in_config=lambda config: config.thinker.audio is not None, optional=True),
-    Component("visual", ("thinker.visual.",), None),
+    Component("visual", ("thinker.visual.",), vision_encoder,
+              in_config=lambda config: config.thinker.vision is not None, optional=True),
     Component("talker", ("talker.",), talker, speech=True),
     Component("code2wav", ("code2wav.",), code2wav, speech=True),
 )

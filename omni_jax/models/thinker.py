@@ -65,15 +65,19 @@ class Thinker(nn.Module):
         start: jax.Array,
         embeds: jax.Array | None = None,
         logits_index: jax.Array | None = None,
+        deepstack: jax.Array | None = None,
     ) -> ThinkerOutput:
         """tokens [B,T]; positions [3,B,T] (M-RoPE) or [B,T]; start [B]: cache row of the first new token.
+
+        deepstack [D, B, T, H] (optional): the vision encoder's deepstack rows at the image/video placeholders
+        (zeros elsewhere), added to the outputs of layers 0..D-1 as transformers does.
 
         logits_index [B] (optional): compute logits only at that time step per row (-> [B,1,V]); prefill
         needs just the last prompt token, and full [B,T,V] logits would dominate prefill memory.
         """
         x = self.embed_tokens(tokens) if embeds is None else embeds.astype(self.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        h, taps, k, v = self.layers(x, positions, cache.k, cache.v, start)
+        h, taps, k, v = self.layers(x, positions, cache.k, cache.v, start, deepstack)
         h = self.norm(h)
         h_out = h if logits_index is None else jnp.take_along_axis(h, logits_index[:, None, None], axis=1)
         if self.config.thinker.tie_word_embeddings:

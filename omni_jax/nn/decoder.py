@@ -78,7 +78,7 @@ class DecoderLayer(nn.Module):
     out_in: bool = False  # projection kernels in omni_jax.nn.linear's [out, in] layout (unrolled layers)
 
     @nn.compact
-    def __call__(self, carry, cos, sin, start):
+    def __call__(self, carry, cos, sin, start, additions=None):
         x, cache_k, cache_v, layer = carry
         cfg = self.cfg
         h = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
@@ -93,7 +93,12 @@ class DecoderLayer(nn.Module):
             h = SparseMoE(cfg, self.dtype, self.param_dtype, self.dispatch, self.out_in, name="mlp")(h)
         else:
             h = GatedMLP(cfg.intermediate_size, self.dtype, self.param_dtype, self.out_in, name="mlp")(h)
-        x = constrain(x + h, ("batch", "length", "embed"))
+        x = x + h
+        if additions is not None:
+            # Deepstack: layer l's output gains additions[l] for l < len(additions) (zeros off the vision rows).
+            levels = additions.shape[0]
+            x = x + jnp.where(layer < levels, additions[jnp.minimum(layer, levels - 1)], 0).astype(x.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
         return (x, cache_k, cache_v, layer + 1), None
 
 
@@ -117,7 +122,9 @@ class DecoderStack(nn.Module):
         cache_k: jax.Array,
         cache_v: jax.Array,
         start: jax.Array,
+        additions: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[int, jax.Array], jax.Array, jax.Array]:
+        """additions [L, B, T, H] (optional): added to the outputs of layers 0..L-1 (the thinker's deepstack)."""
         cfg = self.cfg
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved)
         taps: dict[int, jax.Array] = {}
@@ -130,10 +137,11 @@ class DecoderStack(nn.Module):
             if unrolled:
                 for i in range(seg.start, seg.start + seg.count):
                     carry, _ = DecoderLayer(*args, fresh_cache=self.fresh_cache, out_in=True, name=layer_name(i))(
-                        carry, cos, sin, start)
+                        carry, cos, sin, start, additions)
             else:
-                layers = scan_layers(DecoderLayer, seg.count)(*args, fresh_cache=self.fresh_cache, name=seg.name)
-                carry, _ = layers(carry, cos, sin, start)
+                layers = scan_layers(DecoderLayer, seg.count, broadcasts=4)(
+                    *args, fresh_cache=self.fresh_cache, name=seg.name)
+                carry, _ = layers(carry, cos, sin, start, additions)
             end = seg.start + seg.count
             if end in self.taps:
                 taps[end] = carry[0]
@@ -141,15 +149,15 @@ class DecoderStack(nn.Module):
         return x, taps, cache_k, cache_v
 
 
-def scan_layers(layer: type[nn.Module], length: int):
+def scan_layers(layer: type[nn.Module], length: int, broadcasts: int = 3):
     """`layer` scanned `length` times over its carry: params stacked on a leading "layers" axis (the rules
     table's name for it), a streaming "cache" (Code2Wav's) on axis 1 so that batch stays leading, its
-    three other call arguments shared by every step."""
+    `broadcasts` other call arguments shared by every step."""
     return nn.scan(
         layer,
         variable_axes={"params": 0, "cache": 1},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast,) * broadcasts,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

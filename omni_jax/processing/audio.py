@@ -125,12 +125,13 @@ def load_audio(source: Any) -> np.ndarray:
     return resample(samples, int(rate))
 
 
-def expand_audio_pads(ids: list[int], pad_id: int, rows: list[int]) -> list[int]:
-    """Prompt ids with the i-th `<|audio_pad|>` repeated rows[i] times (what transformers' processor does to
-    the rendered template): one pad per clip in, one pad per encoder row out."""
+def expand_audio_pads(ids: list[int], pad_id: int, rows: list[int], what: str = "audio") -> list[int]:
+    """Prompt ids with the i-th pad (`<|audio_pad|>`, or an image's / video's) repeated rows[i] times (what
+    transformers' processor does to the rendered template): one pad per item in, one pad per encoder row out."""
     found = sum(1 for t in ids if t == pad_id)
     if found != len(rows):
-        raise UsageError(f"the prompt has {found} audio placeholder(s) for {len(rows)} audio clip(s)")
+        noun = "clip" if what == "audio" else "item"
+        raise UsageError(f"the prompt has {found} {what} placeholder(s) for {len(rows)} {what} {noun}(s)")
     out, clip = [], 0
     for t in ids:
         if t == pad_id:

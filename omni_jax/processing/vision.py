@@ -34,6 +34,13 @@ class VisionProcessorConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     min_pixels: int = 3136
     max_pixels: int = 12845056
+    # video: frames sampled per second of video and their count bounds, per-frame pixel bounds (transformers'
+    # Qwen2-VL video processor defaults; fps 2 as the released model card samples)
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
 
     @property
     def factor(self) -> int:
@@ -52,6 +59,10 @@ class VisionProcessorConfig:
             image_std=tuple(float(v) for v in tree.get("image_std", d.image_std)),
             min_pixels=int(tree.get("min_pixels", size.get("shortest_edge", d.min_pixels))),
             max_pixels=int(tree.get("max_pixels", size.get("longest_edge", d.max_pixels))),
+            fps=float(tree.get("fps", d.fps)), min_frames=int(tree.get("min_frames", d.min_frames)),
+            max_frames=int(tree.get("max_frames", d.max_frames)),
+            video_min_pixels=int(tree.get("video_min_pixels", d.video_min_pixels)),
+            video_max_pixels=int(tree.get("video_max_pixels", d.video_max_pixels)),
         )
 
     @classmethod
@@ -148,3 +159,46 @@ def image_patches(source: Any, cfg: VisionProcessorConfig, what: str = "image") 
     frame = normalise(resized, cfg)[None]
     frames = np.repeat(frame, cfg.temporal_patch_size, axis=0)  # an image is its frame twice
     return patchify(frames, cfg), (1, gh, gw)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualInput:
+    """One image or video after preprocessing: what the encoder, the prompt and the positions need of it."""
+
+    kind: str  # "image" | "video"
+    patches: np.ndarray  # [t*h*w, patch_dim] float32, merge-block order per frame group
+    grid: tuple[int, int, int]  # (t, h, w) patch grid
+    seconds_per_grid: float = 0.0  # video: temporal_patch / fps (an image: unused)
+    audio: np.ndarray | None = None  # video: its audio track, 16 kHz mono float32 (use_audio_in_video)
+
+    def tokens(self, merge_size: int) -> int:
+        """Placeholder tokens (= merged encoder rows) of this item."""
+        t, h, w = self.grid
+        return t * h * w // (merge_size * merge_size)
+
+
+def processor_for_model(directory: str | None, vision: Any) -> VisionProcessorConfig:
+    """The checkpoint's processor values, checked against its vision encoder (patch, temporal patch, merge): a
+    checkpoint without a preprocessor_config.json gets the encoder's own sizes and the released pixel bounds in
+    tokens (scaled by the area of a merged token, so a small test encoder keeps the released token budgets)."""
+    from omni_jax.config import ConfigError
+
+    cfg = VisionProcessorConfig.load(directory)
+    has_file = bool(directory) and os.path.exists(os.path.join(directory, "preprocessor_config.json"))
+    model = dict(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                 merge_size=vision.spatial_merge_size)
+    if not has_file:
+        area = (vision.patch_size * vision.spatial_merge_size / cfg.factor) ** 2  # 1 for the released encoder
+        bounds = {k: max(1, int(getattr(cfg, k) * area)) for k in ("min_pixels", "max_pixels", "video_min_pixels",
+                                                                     "video_max_pixels")}
+        return dataclasses.replace(cfg, **model, **bounds)
+    for key, value in model.items():
+        if getattr(cfg, key) != value:
+            raise ConfigError(f"preprocessor_config.json: {key} is {getattr(cfg, key)}, but the vision encoder "
+                              f"(thinker_config.vision_config) uses {value}")
+    return cfg
+
+
+def image_input(source: Any, cfg: VisionProcessorConfig, what: str = "image") -> VisualInput:
+    patches, grid = image_patches(source, cfg, what)
+    return VisualInput("image", patches, grid)

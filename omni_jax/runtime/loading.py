@@ -33,6 +33,7 @@ class LoadedModel:
     dtype: Any
     random_weights: bool  # True: the embedded tiny model with random weights
     source: str  # human-readable origin of the weights
+    processor: Any = None  # omni_jax.processing.vision.VisionProcessorConfig (models with a vision encoder)
 
 
 def default_dtype() -> Any:
@@ -66,7 +67,7 @@ def load_model(
             shard = rules.param_shardings(registry.boxed_abstract_params(cfg, dtype, tuple(params)), mesh)
             params = rules.place(params, shard)
         return LoadedModel(cfg, params, load_tokenizer(), dtype, True,
-                           f"random weights: config {config or DEFAULT_CONFIG!r}, numpy seed 0")
+                           f"random weights: config {config or DEFAULT_CONFIG!r}, numpy seed 0", _processor(None, cfg))
     if not os.path.isdir(checkpoint_dir):
         raise CheckpointNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist")
     if isinstance(config, OmniConfig):
@@ -80,4 +81,14 @@ def load_model(
     if mesh is not None:
         shard = rules.param_shardings(registry.boxed_abstract_params(cfg, dtype), mesh)
     params = load_params(checkpoint_dir, cfg, dtype, shardings=shard)
-    return LoadedModel(cfg, params, load_tokenizer(checkpoint_dir), dtype, False, f"checkpoint {checkpoint_dir}")
+    return LoadedModel(cfg, params, load_tokenizer(checkpoint_dir), dtype, False, f"checkpoint {checkpoint_dir}",
+                       _processor(checkpoint_dir, cfg))
+
+
+def _processor(checkpoint_dir: str | None, cfg: OmniConfig):
+    """The image/video processor values of a model with a vision encoder (its preprocessor_config.json)."""
+    if cfg.thinker.vision is None:
+        return None
+    from omni_jax.processing.vision import processor_for_model
+
+    return processor_for_model(checkpoint_dir, cfg.thinker.vision)

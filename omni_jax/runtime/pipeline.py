@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from omni_jax.errors import UsageError
+from omni_jax.processing.positions import mrope_positions
+from omni_jax.processing.vision import VisualInput
 from omni_jax.runtime import layout as layout_lib
 from omni_jax.runtime import prompt as prompt_lib
 from omni_jax.runtime import vocoder
@@ -31,9 +33,10 @@ from omni_jax.runtime.loading import LoadedModel, load_model
 from omni_jax.runtime.sampling import SamplingParams, TalkerSampling
 from omni_jax.runtime.streaming import SpeechStream
 from omni_jax.runtime.talker_engine import TalkerGenerator
-from omni_jax.runtime.talker_inputs import tts_token_ids
+from omni_jax.runtime.talker_inputs import talker_positions, tts_token_ids
 from omni_jax.runtime.thinker_engine import GenerationResult, ThinkerEngine
-from omni_jax.runtime.types import MIN_SPEECH_TOKENS, Request, Result
+from omni_jax.runtime.types import MIN_SPEECH_TOKENS, PromptRows, Request, Result
+from omni_jax.runtime.vision_encoder import VisionEncoderSteps
 
 #: HF `Code2Wav.chunked_decode` settings used by `generate(..., return_audio=True)`.
 CHUNK_SIZE, LEFT_CONTEXT = vocoder.CHUNK_SIZE, vocoder.LEFT_CONTEXT
@@ -69,6 +72,7 @@ class OmniPipeline:
                 params["talker"] = rules.place(params["talker"], self.talker.param_shardings())
         # The audio encoder (when the checkpoint has one) runs as one plain jit: replicated under a mesh.
         self.audio = AudioEncoderSteps(self.config.thinker.audio, self.dtype) if "audio_tower" in params else None
+        self.vision = VisionEncoderSteps(self.config.thinker.vision, self.dtype) if "visual" in params else None
         self.params = params
         self.loaded = dataclasses.replace(loaded, params=params)  # no second reference to unplaced arrays
 
@@ -95,17 +99,22 @@ class OmniPipeline:
         return [name for name, _ in self.config.talker.speaker_id]
 
     def encode(self, request: Request | str) -> list[int]:
-        """The request's prompt ids (chat template applied; each audio clip's placeholder expanded to its rows)."""
-        return self.prepare(request)[0]
+        """The request's prompt ids (chat template applied; each audio / image / video placeholder expanded to its
+        encoder rows)."""
+        return self.prepare(request).ids
 
-    def prepare(self, request: Request | str) -> tuple[list[int], list[np.ndarray]]:
-        """(prompt ids, log-mel features [mels, frames] of each audio clip in order): the clips are read, checked
-        and resampled here, so bad audio fails before anything runs."""
+    def prepare(self, request: Request | str) -> prompt_lib.PromptInputs:
+        """(prompt ids, log-mel features [mels, frames] of each audio clip, each image / video preprocessed), in
+        prompt order: files are read, checked and resampled here, so bad input fails before anything runs."""
         request = Request(prompt=request) if isinstance(request, str) else request
         messages = request.to_messages()
         if self.audio is None and prompt_lib.audio_sources(messages):
             raise UsageError("the request has audio, but this checkpoint has no audio encoder (thinker.audio_tower)")
-        return prompt_lib.encode_messages(self.tokenizer, self.config, messages)
+        if self.vision is None and prompt_lib.visual_sources(messages):
+            raise UsageError("the request has an image or video, but this checkpoint has no vision encoder "
+                             "(thinker.visual)")
+        return prompt_lib.encode_messages(self.tokenizer, self.config, messages, processor=self.loaded.processor,
+                                          use_audio_in_video=request.use_audio_in_video)
 
     def generate(self, requests: Sequence[Request | str], *, text_only: bool = False,
                  callback: Callable[[int, int], None] | None = None, **options: Any) -> list[Result]:
@@ -116,8 +125,9 @@ class OmniPipeline:
         if not requests:
             raise UsageError("no requests given")
         prepared = [self.prepare(r) for r in requests]
-        return self.generate_ids([ids for ids, _ in prepared], [r.speaker for r in requests], text_only=text_only,
-                                 callback=callback, audio=[feats for _, feats in prepared], **options)
+        return self.generate_ids([p.ids for p in prepared], [r.speaker for r in requests], text_only=text_only,
+                                 callback=callback, audio=[p.audio for p in prepared],
+                                 visual=[p.visual for p in prepared], **options)
 
     def generate_ids(
         self,
@@ -133,11 +143,15 @@ class OmniPipeline:
         eos_ids: Sequence[int] | None = None,
         callback: Callable[[int, int], None] | None = None,
         audio: Sequence[Sequence[np.ndarray]] | None = None,
+        visual: Sequence[Sequence[VisualInput]] | None = None,
     ) -> list[Result]:
         """Answer exact prompt token ids (no template; speech needs an '<|im_start|>assistant' header in each).
 
         audio: per row, the log-mel features [mels, frames] of its clips in order; the ids then hold each clip's
-        `<|audio_pad|>` expanded to its encoder rows (`prepare` gives both).
+        `<|audio_pad|>` expanded to its encoder rows (`prepare` gives both). visual: per row, its images and
+        videos in order, each placeholder expanded likewise; a video whose `audio` is set (use_audio_in_video) has its
+        track's rows interleaved with its frames inside its span, and that track's features in `audio` at the
+        track's place in the prompt (`prepare` lays both out).
         speakers: one name for all rows or one per row (case-insensitive). eos_ids: ids ending the text (default:
         the tokenizer's); they also place the talker's end-of-text marker, like HF's `thinker_eos_token_id`.
         A reply shorter than MIN_SPEECH_TOKENS gets no audio (0 frames, empty waveform).
@@ -158,24 +172,28 @@ class OmniPipeline:
                 self.config.talker.speaker(name)  # unknown speaker -> ValueError listing the known ones
         eos = tuple(int(e) for e in (self.tokenizer.eos_token_ids if eos_ids is None else eos_ids))
         t0 = time.perf_counter()
-        mm_rows = self.encode_audio(prompts, audio, max_new_tokens)
-        t_audio = time.perf_counter() - t0
+        mm_rows = self.encode_inputs(prompts, audio, max_new_tokens, visual)
+        t_encoders = time.perf_counter() - t0
         out = self.engine.generate(prompts, max_new_tokens, sampling or SamplingParams.greedy(), seed=seed,
                                    callback=callback, collect_hidden=speech, eos_ids=eos, mm_rows=mm_rows)
-        t_thinker = time.perf_counter() - t0 - t_audio
+        t_thinker = time.perf_counter() - t0 - t_encoders
         results = []
         for b, toks in enumerate(out.tokens):
             text, reasoning = self._answer_and_reasoning(toks, eos)
             results.append(Result(
                 text=text, reasoning=reasoning, prompt_ids=prompts[b], token_ids=list(toks),
                 finish_reason=out.finish_reasons[b], sample_rate=self.sample_rate, timings={"thinker_s": t_thinker},
-                audio_embeds=None if mm_rows is None else mm_rows[b],
+                audio_embeds=None if mm_rows is None or mm_rows[b] is None else mm_rows[b].audio,
+                vision_embeds=None if mm_rows is None or mm_rows[b] is None else mm_rows[b].vision_rows(
+                    prompts[b], self.config.thinker.image_token_id, self.config.thinker.video_token_id),
+                position_ids=None if mm_rows is None or mm_rows[b] is None else mm_rows[b].positions,
                 prompt_logits=None if out.prompt_logits is None else out.prompt_logits[b]))
         if mm_rows is not None:
             for r in results:
-                r.timings["audio_encoder_s"] = t_audio
+                r.timings["encoders_s"] = t_encoders
         if speech:
-            self._speak(results, out, names, eos, talker_max_new_tokens, talker_sampling or TalkerSampling(), seed)
+            self._speak(results, out, names, eos, talker_max_new_tokens, talker_sampling or TalkerSampling(), seed,
+                        visual, audio)
         return results
 
     def _answer_and_reasoning(self, ids: Sequence[int], eos: Sequence[int]) -> tuple[str, str | None]:
@@ -186,22 +204,63 @@ class OmniPipeline:
         return decode(answer), None if thought is None else decode(thought).strip()
 
     def encode_audio(self, prompts: list[list[int]], audio: Sequence[Sequence[np.ndarray]] | None,
-                     max_new_tokens: int) -> list[np.ndarray | None] | None:
-        """Per row, its clips' encoder rows [n, H] concatenated in order (None: a row without audio), after
-        checking that each row fits the cache with the reply budget (the engine matches rows to placeholders)."""
-        if audio is None or not any(len(a) for a in audio):
+                     max_new_tokens: int) -> list[PromptRows | None] | None:
+        """`encode_inputs` for prompts with audio only."""
+        return self.encode_inputs(prompts, audio, max_new_tokens)
+
+    def encode_inputs(self, prompts: list[list[int]], audio: Sequence[Sequence[np.ndarray]] | None,
+                      max_new_tokens: int, visual: Sequence[Sequence[VisualInput]] | None = None
+                      ) -> list[PromptRows | None] | None:
+        """Per row, its encoder outputs (`PromptRows`: audio rows, image / video rows and their deepstack rows, the
+        M-RoPE positions of a prompt with vision) or None for a text-only row; None when no row has any. Each row is
+        checked to fit the cache with its reply budget first (the engine matches rows to placeholders). A row's
+        items are encoded in calls of their own, so its rows never depend on its batch neighbours."""
+        has_audio = audio is not None and any(len(a) for a in audio)
+        has_visual = visual is not None and any(len(v) for v in visual)
+        if not (has_audio or has_visual):
             return None
-        if len(audio) != len(prompts):
-            raise UsageError(f"got audio for {len(audio)} prompts, expected {len(prompts)}")
-        if self.audio is None:
+        audio = audio if audio is not None else [[] for _ in prompts]
+        visual = visual if visual is not None else [[] for _ in prompts]
+        for what, got in (("audio", audio), ("images/videos", visual)):
+            if len(got) != len(prompts):
+                raise UsageError(f"got {what} for {len(got)} prompts, expected {len(prompts)}")
+        if has_audio and self.audio is None:
             raise UsageError("the request has audio, but this checkpoint has no audio encoder (thinker.audio_tower)")
-        for b, (ids, feats) in enumerate(zip(prompts, audio)):
-            prompt_lib.check_fits(self.config, len(ids), feats, max_new_tokens, self.max_len, f"prompt {b}")
-        params = self.params["audio_tower"]
-        return [np.concatenate(self.audio.encode(params, list(feats))) if feats else None for feats in audio]
+        if has_visual and self.vision is None:
+            raise UsageError("the request has an image or video, but this checkpoint has no vision encoder "
+                             "(thinker.visual)")
+        for b, (ids, feats, vis) in enumerate(zip(prompts, audio, visual)):
+            prompt_lib.check_fits(self.config, len(ids), feats, max_new_tokens, self.max_len, f"prompt {b}", vis)
+        out: list[PromptRows | None] = []
+        for ids, feats, vis in zip(prompts, audio, visual):
+            if not feats and not vis:
+                out.append(None)
+                continue
+            rows = np.concatenate(self.audio.encode(self.params["audio_tower"], list(feats))) if feats else None
+            if not vis:
+                out.append(PromptRows(audio=rows))
+                continue
+            enc = self.vision.encode(self.params["visual"], list(vis))
+            kinds = [v.kind for v in vis]
+            pick = lambda kind: (np.concatenate([r for (r, _), k in zip(enc, kinds) if k == kind])  # noqa: E731
+                                 if kind in kinds else None)
+            out.append(PromptRows(audio=rows, image=pick("image"), video=pick("video"),
+                                  deepstack=_deepstack_in_prompt_order(ids, vis, enc, self.config),
+                                  positions=self.positions(ids, vis, feats)[0]))
+        return out
+
+    def positions(self, ids: Sequence[int], visual: Sequence[VisualInput], audio: Sequence[np.ndarray] = ()
+                  ) -> tuple[np.ndarray, float]:
+        """(float [3, T] M-RoPE positions, decode delta) of prompt ids holding these items (transformers'
+        get_rope_index; a video carrying its audio track is a use_audio_in_video span)."""
+        return mrope_positions(
+            ids, self.config.thinker, [v.grid for v in visual if v.kind == "image"],
+            [v.grid for v in visual if v.kind == "video"],
+            [v.seconds_per_grid for v in visual if v.kind == "video"],
+            prompt_lib.audio_rows(self.config, audio) if len(audio) else (), any(v.audio is not None for v in visual))
 
     def _speak(self, results: list[Result], out: GenerationResult, speakers: list[str], eos: tuple[int, ...],
-               max_new: int, sampling: TalkerSampling, seed: int) -> None:
+               max_new: int, sampling: TalkerSampling, seed: int, visual=None, audio=None) -> None:
         """Talker + Code2Wav for every row with a reply long enough to voice; fills codes/wav/timings in place."""
         groups = self.config.talker.num_code_groups
         rows = [b for b, r in enumerate(results) if len(r.token_ids) >= MIN_SPEECH_TOKENS]
@@ -217,9 +276,15 @@ class OmniPipeline:
             [out.accept_hidden[b, : out.total_lengths[b]] for b in rows],
             self._tts_embeds(), [speakers[b] for b in rows], thinker_eos_ids=eos,
         )
+        positions, deltas = talker_positions(
+            self.config, [results[b].prompt_ids for b in rows], inputs,
+            [list(visual[b]) if visual is not None else [] for b in rows],
+            [prompt_lib.audio_rows(self.config, audio[b]) if audio is not None and len(audio[b]) else []
+             for b in rows])
         # penalty_from=None: every code counts for the repetition penalty, as in HF's single-sequence generate.
         talk = self.talker.generate(self.params["talker"], inputs, max_new, sampling,
-                                    rng=jax.random.PRNGKey(seed + 1), penalty_from=None)
+                                    rng=jax.random.PRNGKey(seed + 1), penalty_from=None, positions=positions,
+                                    rope_delta=deltas)
         t1 = time.perf_counter()
         wavs = self.vocode(talk.codes, talk.lengths)
         t2 = time.perf_counter()
@@ -247,3 +312,18 @@ class OmniPipeline:
         talker_max_new_tokens, sampling, talker_sampling, seed, chunk_frames, first_chunk_frames, eos_ids).
         After exhaustion `.result` is the `Result`, `.stats` the schedule."""
         return SpeechStream(self, prompt_or_request, **options)
+
+
+def _deepstack_in_prompt_order(ids: Sequence[int], visual: Sequence[VisualInput], encoded, config) -> np.ndarray:
+    """[levels, image + video tokens, H]: each item's deepstack rows at its placeholders, in prompt order (images
+    and videos fill their own pads in order, as transformers' joint deepstack tensor does)."""
+    th = config.thinker
+    ids = np.asarray(ids)
+    at = ids[np.isin(ids, [th.image_token_id, th.video_token_id])]
+    levels, _, hidden = encoded[0][1].shape
+    out = np.zeros((levels, at.size, hidden), np.float32)
+    for kind, pad in (("image", th.image_token_id), ("video", th.video_token_id)):
+        parts = [d for (_, d), v in zip(encoded, visual) if v.kind == kind]
+        if parts:
+            out[:, at == pad] = np.concatenate(parts, axis=1)
+    return out

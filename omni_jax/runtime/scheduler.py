@@ -74,6 +74,7 @@ class ServeRequest:
     prompt_ids: list[int]
     max_new_tokens: int
     audio: list[np.ndarray] = dataclasses.field(default_factory=list)  # log-mel features per clip
+    visual: list[Any] = dataclasses.field(default_factory=list)  # images / videos (processing.vision.VisualInput)
     speech: bool = False
     speaker: str = "ethan"
     temperature: float = 0.0  # 0: greedy
@@ -268,7 +269,8 @@ class ServingEngine:
             raise UsageError("the prompt is empty (0 tokens)")
         if isinstance(req.max_new_tokens, bool) or not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, got {req.max_new_tokens!r}")
-        prompt_lib.check_fits(self.pipe.config, len(req.prompt_ids), req.audio, req.max_new_tokens, self.max_len)
+        prompt_lib.check_fits(self.pipe.config, len(req.prompt_ids), req.audio, req.max_new_tokens, self.max_len,
+                              visual=req.visual)
         self.pipe.engine.bucket_for(len(req.prompt_ids))
         if req.speech:
             if not self.pipe.has_speech:
@@ -392,9 +394,9 @@ class ServingEngine:
         row.timings["queue_s"] = row.now()
         row.detok = TextDeltas(pipe.tokenizer, self.eos)
         seed = secrets.randbits(31) if req.seed is None else int(req.seed)
-        if req.audio:
-            row.mm_rows = pipe.encode_audio([req.prompt_ids], [req.audio], req.max_new_tokens)
-            row.timings["audio_encoder_s"] = row.now()
+        if req.audio or req.visual:
+            row.mm_rows = pipe.encode_inputs([req.prompt_ids], [req.audio], req.max_new_tokens, [req.visual])
+            row.timings["encoders_s"] = row.now()
         pre = pipe.engine.start([req.prompt_ids], req.max_new_tokens, SamplingParams.greedy(), 0, collect_hidden=True,
                                 eos_ids=self.eos, mm_rows=row.mm_rows)
         state = pre.state
@@ -407,7 +409,8 @@ class ServingEngine:
         if req.speech and not row.thinker_done:  # a one-token reply has nothing to voice (MIN_SPEECH_TOKENS)
             tstate, eos_col, pad_col = start_talker_row(
                 pipe, req.prompt_ids, state, row.tokens[0], req.speaker, self.eos, self.talker_max_new_tokens,
-                self.talker_sampling, jax.random.PRNGKey(seed + 1), cache_len=self.talker_len)
+                self.talker_sampling, jax.random.PRNGKey(seed + 1), cache_len=self.talker_len, visual=req.visual,
+                audio=req.audio)
             if self._tslots is None:
                 self._tslots = jax.jit(slots_lib.talker_slots, static_argnums=1)(tstate, self.slots)
             self._tslots = self._talker_insert(self._tslots, tstate, np.int32(row.slot))
@@ -523,7 +526,10 @@ class ServingEngine:
             codes=codes if row.req.speech else None,
             wav=(np.concatenate(row.wav) if row.wav else np.zeros((0,), np.float32)) if row.req.speech else None,
             sample_rate=self.pipe.sample_rate, timings=dict(row.timings),
-            audio_embeds=None if row.mm_rows is None else row.mm_rows[0],
+            audio_embeds=None if row.mm_rows is None else row.mm_rows[0].audio,
+            vision_embeds=None if row.mm_rows is None else row.mm_rows[0].vision_rows(
+                row.req.prompt_ids, self.pipe.config.thinker.image_token_id, self.pipe.config.thinker.video_token_id),
+            position_ids=None if row.mm_rows is None else row.mm_rows[0].positions,
             prompt_logits=np.asarray(row.prompt_logits))
         self._release(row)
         self.metrics.add("requests_completed")

@@ -39,7 +39,7 @@ class ThinkerSlots:
     num_generated: jax.Array  # [B] int32
     max_new_tokens: jax.Array  # [B] int32
     live: jax.Array  # [B] bool: the row holds a request that is still writing text
-    rope_deltas: jax.Array  # [B] int32 M-RoPE position minus cache row
+    rope_deltas: jax.Array  # [B] float32 M-RoPE position minus cache row
     keys: jax.Array  # [B, 2] uint32: each row's own PRNG key
     temperature: jax.Array  # [B] float32 (0: greedy)
     top_k: jax.Array  # [B] int32 (0: off)
@@ -52,7 +52,7 @@ class ThinkerSlots:
         b = cache.batch
         zeros = lambda: jnp.zeros((b,), jnp.int32)  # noqa: E731 - distinct buffers: the state is donated
         return cls(cache=cache, tokens=zeros(), num_generated=zeros(), max_new_tokens=zeros(),
-                   live=jnp.zeros((b,), bool), rope_deltas=zeros(), keys=jnp.zeros((b, 2), jnp.uint32),
+                   live=jnp.zeros((b,), bool), rope_deltas=jnp.zeros((b,), jnp.float32), keys=jnp.zeros((b, 2), jnp.uint32),
                    temperature=jnp.zeros((b,), jnp.float32), top_k=zeros(), top_p=jnp.ones((b,), jnp.float32),
                    eos_ids=jnp.asarray(eos_ids, jnp.int32), finite=jnp.ones((b,), bool))
 

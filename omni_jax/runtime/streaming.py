@@ -50,7 +50,8 @@ from omni_jax.errors import UsageError
 from omni_jax.models.talker import Talker
 from omni_jax.runtime.sampling import SamplingParams, TalkerSampling
 from omni_jax.runtime.talker_engine import check_finite as check_talker_finite
-from omni_jax.runtime.talker_inputs import tts_token_ids
+from omni_jax.runtime import prompt as prompt_lib
+from omni_jax.runtime.talker_inputs import talker_positions, tts_token_ids
 from omni_jax.runtime.thinker_engine import check_finite as check_thinker_finite
 from omni_jax.runtime.types import (DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, Request, Result, StreamEvent,
                                     check_chunk_frames)
@@ -164,6 +165,7 @@ class SpeechStream:
         first_chunk_frames: int = DEFAULT_FIRST_CHUNK_FRAMES,
         eos_ids: Sequence[int] | None = None,
         audio: Sequence[np.ndarray] | None = None,
+        visual: Sequence[Any] | None = None,
     ):
         if not pipe.has_speech:
             raise UsageError("this checkpoint has no talker/code2wav weights; streaming speech needs them")
@@ -173,13 +175,15 @@ class SpeechStream:
             prompt_or_request = Request(prompt=prompt_or_request)
         t_front = time.perf_counter()
         if isinstance(prompt_or_request, Request):
-            if audio is not None:
-                raise UsageError("audio= goes with exact prompt ids; a Request carries its audio in content parts")
-            self.prompt_ids, audio = pipe.prepare(prompt_or_request)
+            if audio is not None or visual is not None:
+                raise UsageError("audio= / visual= go with exact prompt ids; a Request carries its audio, images and "
+                                 "videos in content parts")
+            self.prompt_ids, audio, visual = pipe.prepare(prompt_or_request)
             speaker = speaker or prompt_or_request.speaker
         else:
             self.prompt_ids = [int(t) for t in prompt_or_request]
         self.audio = list(audio or [])
+        self.visual = list(visual or [])
         self.front_end_s = time.perf_counter() - t_front  # template + reading and featurizing the audio
         self.speaker = speaker or "ethan"
         pipe.config.talker.speaker(self.speaker)  # unknown speaker -> ValueError listing the known ones
@@ -216,9 +220,9 @@ class SpeechStream:
         token_dev: list[jax.Array] = []  # device [1] arrays of each token (column inputs, never read back)
 
         timings["front_end_s"] = self.front_end_s  # before t0: the stream's clock starts at the encoder
-        mm_rows = pipe.encode_audio([self.prompt_ids], [self.audio], self.max_new_tokens)
+        mm_rows = pipe.encode_inputs([self.prompt_ids], [self.audio], self.max_new_tokens, [self.visual])
         if mm_rows is not None:
-            timings["audio_encoder_s"] = now()
+            timings["encoders_s"] = now()  # the audio and vision encoders
         pre = engine.start([self.prompt_ids], self.max_new_tokens, self.sampling, self.seed, collect_hidden=True,
                            eos_ids=self.eos, mm_rows=mm_rows)
         state = pre.state
@@ -317,7 +321,10 @@ class SpeechStream:
                 finish_reason="eos" if tokens and tokens[-1] in self.eos else "length", codes=all_codes,
                 wav=np.concatenate(wav_parts) if wav_parts else np.zeros((0,), np.float32),
                 sample_rate=pipe.sample_rate, timings=timings,
-                audio_embeds=None if mm_rows is None else mm_rows[0], prompt_logits=np.asarray(prompt_logits)[0],
+                audio_embeds=None if mm_rows is None else mm_rows[0].audio, prompt_logits=np.asarray(prompt_logits)[0],
+                vision_embeds=None if mm_rows is None else mm_rows[0].vision_rows(
+                    self.prompt_ids, pipe.config.thinker.image_token_id, pipe.config.thinker.video_token_id),
+                position_ids=None if mm_rows is None else mm_rows[0].positions,
             )
         finally:
             engine.release(state)
@@ -325,7 +332,7 @@ class SpeechStream:
     def _start_talker(self, thinker_state, first_token: int):
         tstate, tts_eos, tts_pad = start_talker_row(
             self.pipe, self.prompt_ids, thinker_state, first_token, self.speaker, self.eos, self.talker_max_new_tokens,
-            self.talker_sampling, jax.random.PRNGKey(self.seed + 1))
+            self.talker_sampling, jax.random.PRNGKey(self.seed + 1), visual=self.visual, audio=self.audio)
         pipe = self.pipe
         cols = _ColumnSource(_text_column_fn(pipe.config, pipe.talker.dtype), pipe.params["talker"],
                              pipe.params["thinker"]["embed_tokens"]["embedding"], tts_eos=tts_eos, tts_pad=tts_pad)
@@ -334,7 +341,7 @@ class SpeechStream:
 
 def start_talker_row(pipe, prompt_ids: Sequence[int], thinker_state, first_token: int, speaker: str,
                      eos: Sequence[int], max_new_tokens: int, sampling: TalkerSampling, rng: jax.Array,
-                     cache_len: int | None = None):
+                     cache_len: int | None = None, visual: Sequence[Any] = (), audio: Sequence[np.ndarray] = ()):
     """Talker prefill for one request whose thinker has written reply token 0 (row 0 of `thinker_state`, a
     prefill with collect_hidden): the prompt's thinker embeddings and accept-layer hidden states plus token 0.
 
@@ -355,7 +362,9 @@ def start_talker_row(pipe, prompt_ids: Sequence[int], thinker_state, first_token
         params["talker"], [np.asarray(prompt_ids)], [np.asarray([first_token, eos[0]])],
         [np.concatenate([emb, e0])], [acc], tts, speaker, thinker_eos_ids=eos,
     )
+    positions, deltas = talker_positions(pipe.config, [prompt_ids], inputs, [list(visual)],
+                                         [prompt_lib.audio_rows(pipe.config, audio)] if len(audio) else [])
     tstate, _ = talker.start(params["talker"], inputs, max_new_tokens, sampling, rng=rng, penalty_from=None,
-                             cache_len=cache_len)
+                             cache_len=cache_len, positions=positions, rope_delta=deltas)
     dt = talker.dtype
     return tstate, jnp.asarray(inputs.trailing[:, :1], dt), jnp.asarray(inputs.tts_pad, dt).reshape(1, 1, -1)

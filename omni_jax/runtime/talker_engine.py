@@ -49,7 +49,7 @@ class TalkerState:
     code0: jax.Array  # [B] int32 last sampled group-0 code (its residual groups are not computed yet)
     seen: jax.Array  # [B, V] bool group-0 codes emitted so far (repetition penalty)
     index: jax.Array  # [B] int32 cache row of the next talker token
-    rope_delta: jax.Array  # [B] int32 RoPE position = cache row + rope_delta (0 for text-only prompts)
+    rope_delta: jax.Array  # [B] float32 RoPE position = cache row + rope_delta (0 for text-only prompts)
     step: jax.Array  # [] int32 decode steps done (column of `trailing` the next step adds)
     penalty_from: jax.Array  # [B] int32 group-0 tokens with a lower index are left out of the repetition penalty
     done: jax.Array  # [B] bool row has emitted codec EOS
@@ -98,7 +98,7 @@ def talker_prefill(
         code0=code0,
         seen=_mark_seen(seen, code0, 0, penalty_from),
         index=lengths.astype(jnp.int32),
-        rope_delta=rope_delta.astype(jnp.int32),
+        rope_delta=rope_delta.astype(jnp.float32),
         step=jnp.zeros((), jnp.int32),
         penalty_from=penalty_from.astype(jnp.int32),
         done=code0 == model.config.talker.codec_eos_token_id,
@@ -260,11 +260,14 @@ class TalkerGenerator:
         lengths = np.asarray(inputs.lengths, np.int32)
         tb = buckets.bucket(t)
         embeds = jnp.pad(inputs.embeds.astype(self.dtype), ((0, 0), (0, tb - t), (0, 0)))
+        # float32 either way (a video's times need not be whole): text and multimodal prompts share one compile.
         if positions is None:
-            positions = text_positions(jnp.zeros((b,), jnp.int32), tb)
+            positions = text_positions(np.zeros((b,), np.int32), tb).astype(jnp.float32)
         else:
-            positions = jnp.pad(jnp.asarray(positions, jnp.int32), ((0, 0), (0, 0), (0, tb - positions.shape[-1])))
-        rope_delta = jnp.zeros((b,), jnp.int32) if rope_delta is None else jnp.asarray(rope_delta, jnp.int32)
+            positions = np.asarray(positions, np.float32)
+            # pads continue each row's last position (never attended by its real tokens)
+            positions = jnp.asarray(np.pad(positions, ((0, 0), (0, 0), (0, tb - positions.shape[-1])), mode="edge"))
+        rope_delta = np.zeros((b,), np.float32) if rope_delta is None else np.asarray(rope_delta, np.float32)
         if isinstance(penalty_from, str):
             if penalty_from != "hf":
                 raise ValueError(f"penalty_from must be 'hf', None or per-row counts, got {penalty_from!r}")

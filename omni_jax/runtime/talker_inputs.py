@@ -8,8 +8,9 @@ think markers); the reply's later tokens become the trailing text one talker ste
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from omni_jax import buckets
 from omni_jax.config import OmniConfig
 from omni_jax.errors import UsageError
 from omni_jax.models.talker import Talker
+from omni_jax.processing.positions import mrope_positions
 
 
 class TalkerInputs(NamedTuple):
@@ -193,3 +195,44 @@ def _project(model: Talker, params, embeds, hidden, mm):
 def compiled_projection(config: OmniConfig, dtype):
     """Compiled `Talker.project` (params, embeds [N, H], hidden [N, H], mm [N]) -> [N, H_talker]."""
     return jax.jit(functools.partial(_project, Talker(config, dtype, dtype)))
+
+
+def talker_positions(config: OmniConfig, prompt_ids: Sequence[Sequence[int]], inputs: TalkerInputs,
+                     visual: Sequence[Sequence[Any]], audio_rows: Sequence[Sequence[int]] = ()
+                     ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(positions [3, B, T] float, deltas [B]) of talker prompts whose user turns hold images or videos, as
+    transformers' talker computes them (get_rope_index over its input ids: the user turns, then the assistant
+    part); (None, None) when no row has any, as the text positions then apply. visual: per row, the prompt's
+    items in order (omni_jax.processing.vision.VisualInput); those outside user turns are not in the talker's
+    prompt. audio_rows: per row, its clips' encoder rows (their spans' lengths)."""
+    if not any(len(v) for v in visual) or config.thinker.vision is None:
+        return None, None
+    # transformers' talker reads its own config's time scale (the released checkpoint repeats the thinker's 13)
+    th = dataclasses.replace(config.thinker, position_id_per_seconds=config.talker.position_id_per_seconds)
+    m = th.vision.spatial_merge_size
+    b, t = inputs.input_ids.shape
+    positions = np.broadcast_to(np.arange(t, dtype=np.float64), (3, b, t)).copy()
+    deltas = np.zeros((b,), np.float64)
+    for r in range(b):
+        ids = np.asarray(prompt_ids[r], np.int64)
+        users = set(_user_positions(ids, config).tolist())
+        keep = []
+        for kind, pad in (("image", th.image_token_id), ("video", th.video_token_id)):
+            starts = np.flatnonzero(ids == pad)
+            at = 0
+            for v in visual[r]:
+                if v.kind == kind:
+                    keep.append((int(starts[at]), v))
+                    at += v.tokens(m)
+        items = [v for start, v in sorted(keep, key=lambda x: x[0]) if start in users]
+        if not items:
+            continue
+        n = int(inputs.lengths[r])
+        pos, delta = mrope_positions(
+            inputs.input_ids[r, :n], th, [v.grid for v in items if v.kind == "image"],
+            [v.grid for v in items if v.kind == "video"], [v.seconds_per_grid for v in items if v.kind == "video"],
+            list(audio_rows[r]) if len(audio_rows) else (), any(v.audio is not None for v in items))
+        positions[:, r, :n] = pos
+        positions[:, r, n:] = pos[:, -1:] + 1 + np.arange(t - n)
+        deltas[r] = delta
+    return positions.astype(np.float32), deltas.astype(np.float32)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import deque
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -50,6 +50,7 @@ from omni_jax.nn.kv_cache import KVCache
 from omni_jax.processing.positions import text_positions
 from omni_jax.runtime import layout as layout_lib
 from omni_jax.runtime.sampling import SamplingParams, sample, seen_mask_from_ids, update_seen
+from omni_jax.runtime.types import PromptRows
 from omni_jax.sharding import jit as sjit
 from omni_jax.sharding import rules
 
@@ -72,7 +73,7 @@ class DecodeState:
     done: jax.Array  # [B] bool: row sampled an EOS id or spent its budget
     pending: jax.Array  # [B] bool: row still has a token to feed (see `decode_step`)
     seen: jax.Array  # [B, V] bool ids seen so far (repetition penalty), else [B, 0]
-    rope_deltas: jax.Array  # [B] int32: M-RoPE position minus cache row (0 for plain text)
+    rope_deltas: jax.Array  # [B] float32: M-RoPE position minus cache row (0 for plain text; video: fractional)
     logits: jax.Array  # [B, V] float32: what each row's latest token was sampled from (prompt logits after prefill)
     rng: jax.Array
     embeds: jax.Array  # [B, S, H] token embeddings of every fed token (collect_hidden), else [B, 0, H]
@@ -109,6 +110,7 @@ def prefill(
     eos_ids: jax.Array,
     positions: jax.Array | None = None,
     embeds: jax.Array | None = None,
+    deepstack: jax.Array | None = None,
     *,
     model: Thinker,
     sampling: SamplingParams,
@@ -117,7 +119,8 @@ def prefill(
 ) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Run right-padded prompts tokens [B, T] (true lengths [B]) from cache row cache.lengths; sample token 1.
 
-    positions [3, B, T] / embeds [B, T, H] override the text M-RoPE positions / token embeddings
+    positions [3, B, T] (float: a video's times need not be whole) / embeds [B, T, H] override the text
+    M-RoPE positions / token embeddings, deepstack [D, B, T, H] adds to the first D layers' outputs
     (multimodal prompts). fresh: the cache is empty (every row starts at row 0), so attention reads only
     the prompt's own keys ([T, T] scores, not [T, max_len]). Returns (state, first tokens [B], any row
     still pending []).
@@ -129,13 +132,14 @@ def prefill(
         model = model.clone(fresh_cache=True)
     if positions is None:
         positions = text_positions(start, t)
-    out = model.apply({"params": params}, tokens, positions, cache, start, embeds, logits_index=lengths - 1)
+    out = model.apply({"params": params}, tokens, positions, cache, start, embeds, logits_index=lengths - 1,
+                      deepstack=deepstack)
     valid = jnp.arange(t)[None, :] < lengths[:, None]
     vocab = out.logits.shape[-1]
     seen = seen_mask_from_ids(tokens, vocab, valid) if sampling.uses_history else jnp.zeros((b, 0), bool)
-    pos3 = positions if positions.ndim == 3 else positions[None]
-    last_pos = jnp.max(jnp.where(valid[None], pos3, jnp.iinfo(jnp.int32).min), axis=(0, 2))
-    rope_deltas = (last_pos + 1 - (start + lengths)).astype(jnp.int32)
+    pos3 = (positions if positions.ndim == 3 else positions[None]).astype(jnp.float32)
+    last_pos = jnp.max(jnp.where(valid[None], pos3, -jnp.inf), axis=(0, 2))
+    rope_deltas = last_pos + 1 - (start + lengths).astype(jnp.float32)
     h = out.embeds.shape[-1]
     if collect_hidden:
         emb = _write_rows(jnp.zeros((b, s, h), out.embeds.dtype), start, out.embeds, valid)
@@ -157,7 +161,7 @@ class PromptState:
     seen: jax.Array  # [B, V] bool prompt ids (repetition penalty), else [B, 0]
     embeds: jax.Array  # [B, S, H] (collect_hidden), else [B, 0, H]
     accept_hidden: jax.Array  # [B, S, H] (collect_hidden), else [B, 0, H]
-    rope_deltas: jax.Array  # [B] int32
+    rope_deltas: jax.Array  # [B] float32
 
 
 def first_token(
@@ -202,7 +206,7 @@ def empty_prompt(
     b, s = cache.batch, cache.max_len
     hid = jnp.zeros((b, s if collect_hidden else 0, hidden), dtype)
     seen = jnp.zeros((b, vocab if sampling.uses_history else 0), bool)
-    prompt = PromptState(cache, jnp.zeros((b, s), jnp.int32), seen, hid, hid, jnp.zeros((b,), jnp.int32))
+    prompt = PromptState(cache, jnp.zeros((b, s), jnp.int32), seen, hid, hid, jnp.zeros((b,), jnp.float32))
     return prompt, jnp.zeros((b, vocab), jnp.float32)
 
 
@@ -214,6 +218,8 @@ def prefill_chunk_step(
     lengths: jax.Array,
     offset: jax.Array,
     embeds: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    deepstack: jax.Array | None = None,
     *,
     model: Thinker,
 ) -> tuple[PromptState, jax.Array]:
@@ -224,15 +230,18 @@ def prefill_chunk_step(
     buffer, so a chunk is just the model at cache row `start + offset`; padding columns write K/V
     past each row's length, which decode overwrites before reading (as with bucket padding). Each row
     takes its logits [B, V] from the chunk holding its last prompt token, else keeps the ones passed in.
-    `offset` is data: one compile per (batch, C) whatever the prompt length. Plain text positions only;
-    embeds [B, C, H] (optional) replace the chunk's token embeddings (audio rows at their placeholders);
+    `offset` is data: one compile per (batch, C) whatever the prompt length. embeds [B, C, H] (optional) replace
+    the chunk's token embeddings (encoder rows at their placeholders), positions [3, B, C] its text positions
+    and deepstack [D, B, C, H] adds to its first layers' outputs (multimodal prompts; the caller sets the
+    prompt's rope_deltas);
     embeds/seen are collected only where `prompt` has room for them (see `empty_prompt`).
     """
     c = tokens.shape[1]
     start = prompt.cache.lengths + offset
     last = lengths - 1 - offset  # each row's last prompt column, relative to this chunk
-    out = model.apply({"params": params}, tokens, text_positions(start, c), prompt.cache, start, embeds,
-                      logits_index=jnp.clip(last, 0, c - 1))
+    positions = text_positions(start, c) if positions is None else positions
+    out = model.apply({"params": params}, tokens, positions, prompt.cache, start, embeds,
+                      logits_index=jnp.clip(last, 0, c - 1), deepstack=deepstack)
     valid = jnp.arange(c)[None, :] <= last[:, None]
     here = (last >= 0) & (last < c)
     seen, emb, acc = prompt.seen, prompt.embeds, prompt.accept_hidden
@@ -532,8 +541,9 @@ class ThinkerEngine:
 
         Public so host-driven loops (omni_jax.runtime.streaming) can step `decode_fn` themselves; hand the final
         state to `release` so the next call reuses its cache. prefill_chunk: overrides the engine's
-        setting for this call (None: use the engine's). mm_rows: per prompt, the encoder rows [n, H] that
-        replace its n `<|audio_pad|>` placeholders in order (None or absent: token embeddings only).
+        setting for this call (None: use the engine's). mm_rows: per prompt, a `PromptRows` (encoder rows
+        at its audio / image / video placeholders, deepstack rows, M-RoPE positions), or just the audio rows
+        [n, H] for its n `<|audio_pad|>` placeholders, or None (token embeddings only).
         """
         chunk = self.prefill_chunk if prefill_chunk is None else self._check_chunk(prefill_chunk)
         eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
@@ -565,13 +575,17 @@ class ThinkerEngine:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
         rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-        embeds = self._merged_embeds(tokens, prompts, mm_rows)
+        embeds, positions, deepstack = self._merged_embeds(tokens, prompts, mm_rows)
         if chunked:
             lens = np.asarray(lengths, np.int32)
             prompt, logits = self.empty_prompt_fn(self._cache(batch), sampling=sampling, collect_hidden=collect_hidden)
+            cut = lambda x, axis: None if x is None else x[(slice(None),) * axis + (slice(off, off + chunk),)]  # noqa
             for off in range(0, width, chunk):
                 prompt, logits = self.chunk_fn(self.params, prompt, logits, tokens[:, off : off + chunk], lens,
-                                               np.int32(off), None if embeds is None else embeds[:, off : off + chunk])
+                                               np.int32(off), cut(embeds, 1), cut(positions, 2), cut(deepstack, 2))
+            if positions is not None:  # M-RoPE deltas of the whole prompt (the chunks saw only their own columns)
+                last = positions[:, np.arange(batch), lens - 1].max(axis=0)
+                prompt = prompt.replace(rope_deltas=jnp.asarray(last + 1 - lens, jnp.float32))
             state, first, any_pending = self.first_token_fn(
                 prompt, logits, lens, rng, np.asarray(max_new_tokens, np.int32), np.asarray(eos, np.int32).reshape(-1),
                 sampling=sampling, collect_hidden=collect_hidden,
@@ -580,31 +594,61 @@ class ThinkerEngine:
         state, first, any_pending = self.prefill_fn(
             # numpy inputs go straight to the compiled call (jnp.asarray would compile a staging op per shape)
             self.params, self._cache(batch), tokens, np.asarray(lengths, np.int32), rng,
-            np.asarray(max_new_tokens, np.int32), np.asarray(eos, np.int32).reshape(-1), None, embeds,
+            np.asarray(max_new_tokens, np.int32), np.asarray(eos, np.int32).reshape(-1), positions, embeds, deepstack,
             sampling=sampling, collect_hidden=collect_hidden,
         )
         return Prefilled(state, first, any_pending, prompts, eos, sampling)
 
-    def _merged_embeds(self, tokens: np.ndarray, prompts: list[list[int]],
-                       mm_rows: Sequence[np.ndarray | None] | None) -> jax.Array | None:
-        """The prompt embeddings with encoder rows at the audio placeholders, or None when no row has any."""
+    def _merged_embeds(self, tokens: np.ndarray, prompts: list[list[int]], mm_rows: Sequence[Any] | None
+                       ) -> tuple[jax.Array | None, np.ndarray | None, np.ndarray | None]:
+        """(embeddings with encoder rows at their placeholders, positions [3, B, W] float32, deepstack [D, B, W, H])
+        of the padded prompts; each None when no row needs it. mm_rows: per prompt a PromptRows, audio rows [n, H]
+        (the audio-only form) or None."""
         if mm_rows is None or all(r is None for r in mm_rows):
-            return None
+            return None, None, None
         if len(mm_rows) != len(prompts):
             raise UsageError(f"got encoder rows for {len(mm_rows)} prompts, expected {len(prompts)}")
-        pad = self.config.thinker.audio_token_id
-        hidden = self.config.thinker.text.hidden_size
+        th = self.config.thinker
+        hidden = th.text.hidden_size
+        items = [r if isinstance(r, PromptRows) or r is None else PromptRows(audio=r) for r in mm_rows]
         rows = np.zeros(tokens.shape + (hidden,), np.float32)
         mask = np.zeros(tokens.shape, bool)
-        for b, (p, r) in enumerate(zip(prompts, mm_rows)):
-            at = np.flatnonzero(np.asarray(p) == pad)
-            r = np.zeros((0, hidden), np.float32) if r is None else np.asarray(r, np.float32)
-            if r.ndim != 2 or r.shape[1] != hidden:
-                raise UsageError(f"prompt {b}: encoder rows have shape {r.shape}; expected [n, {hidden}]")
-            if r.shape[0] != at.size:
-                raise UsageError(f"prompt {b} has {at.size} audio placeholders for {r.shape[0]} encoder rows")
-            rows[b, at], mask[b, at] = r, True
-        return self.merge_fn(self.params, tokens, rows, mask)
+        vision = any(r is not None and r.has_vision for r in items)
+        levels = 0
+        if vision:
+            levels = max(r.deepstack.shape[0] for r in items if r is not None and r.deepstack is not None)
+        deep = np.zeros((levels,) + tokens.shape + (hidden,), np.float32) if vision else None
+        positions = None
+        if any(r is not None and r.positions is not None for r in items):
+            positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.float32), (3,) + tokens.shape).copy()
+        for b, (p, r) in enumerate(zip(prompts, items)):
+            ids = np.asarray(p)
+            for what, pad, got in (("audio", th.audio_token_id, None if r is None else r.audio),
+                                   ("image", th.image_token_id, None if r is None else r.image),
+                                   ("video", th.video_token_id, None if r is None else r.video)):
+                at = np.flatnonzero(ids == pad)
+                got = np.zeros((0, hidden), np.float32) if got is None else np.asarray(got, np.float32)
+                if got.ndim != 2 or got.shape[1] != hidden:
+                    raise UsageError(f"prompt {b}: {what} encoder rows have shape {got.shape}; expected [n, {hidden}]")
+                if got.shape[0] != at.size:
+                    raise UsageError(f"prompt {b} has {at.size} {what} placeholders for {got.shape[0]} encoder rows")
+                rows[b, at], mask[b, at] = got, True
+            if r is None:
+                continue
+            if r.deepstack is not None and r.deepstack.size:
+                at = np.flatnonzero(np.isin(ids, [th.image_token_id, th.video_token_id]))
+                if r.deepstack.shape[1:] != (at.size, hidden):
+                    raise UsageError(f"prompt {b}: deepstack rows {r.deepstack.shape} do not match its {at.size} "
+                                     "image/video placeholders")
+                deep[: r.deepstack.shape[0], b, at] = r.deepstack
+            if r.positions is not None:
+                pos = np.asarray(r.positions, np.float32)
+                if pos.shape != (3, len(p)):
+                    raise UsageError(f"prompt {b}: positions {pos.shape} do not match its {len(p)} tokens")
+                positions[:, b, : len(p)] = pos
+                # pads continue from the last position (they are never attended by the row's real tokens)
+                positions[:, b, len(p):] = pos[:, -1:] + 1 + np.arange(tokens.shape[1] - len(p), dtype=np.float32)
+        return self.merge_fn(self.params, tokens, rows, mask), positions, deep
 
     def release(self, state: DecodeState) -> None:
         """Keep a finished state's cache for the next call with the same batch size."""

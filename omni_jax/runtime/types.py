@@ -22,7 +22,7 @@ DEFAULT_FIRST_CHUNK_FRAMES = 1
 #: A stream's time-to-first-audio marks (`Result.timings` keys, seconds on the stream's clock) in the order the
 #: stages finish: front end (before the clock starts), audio encoder, thinker first token, talker prefill
 #: (codebook 0 of frame 0), code predictor (the whole first frame), first vocoder chunk.
-STREAM_STAGES = ("front_end_s", "audio_encoder_s", "time_to_first_token_s", "talker_prefill_s",
+STREAM_STAGES = ("front_end_s", "encoders_s", "time_to_first_token_s", "talker_prefill_s",
                  "time_to_first_frame_s", "time_to_first_audio_s")
 
 
@@ -43,6 +43,7 @@ class Request:
     messages: list[dict] | None = None
     system: str | None = None
     speaker: str = "ethan"
+    use_audio_in_video: bool = False  # each video's own audio track joins the prompt, interleaved with its frames
 
     def to_messages(self) -> list[dict]:
         if (self.prompt is None) == (self.messages is None):
@@ -70,6 +71,8 @@ class Result:
     sample_rate: int = 24000
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     audio_embeds: np.ndarray | None = None  # [audio tokens, thinker hidden] float32: the rows that replaced the pads
+    vision_embeds: np.ndarray | None = None  # [image + video tokens, thinker hidden] float32, likewise, prompt order
+    position_ids: np.ndarray | None = None  # [3, prompt length] float: M-RoPE positions (None: plain text's)
     prompt_logits: np.ndarray | None = None  # [vocab] float32: the thinker's logits at the last prompt position
     reasoning: str | None = None  # a Thinking model's `<think> ... </think>` text; None when there was none
 
@@ -89,3 +92,33 @@ class StreamEvent:
     frames: int = 0
     t: float = 0.0  # seconds since the stream started running
     codes: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRows:
+    """One prompt's encoder outputs, ready for the thinker: the rows that replace its placeholders (each kind in
+    prompt order, as transformers' masked_scatter places them), the deepstack rows that add to the first layers'
+    outputs at its image/video placeholders, and its M-RoPE positions when they are not plain text's."""
+
+    audio: np.ndarray | None = None  # [audio tokens, H]
+    image: np.ndarray | None = None  # [image tokens, H]
+    video: np.ndarray | None = None  # [video tokens, H]
+    deepstack: np.ndarray | None = None  # [levels, image + video tokens, H], the visual placeholders in prompt order
+    positions: np.ndarray | None = None  # [3, prompt length] float (None: text positions)
+
+    @property
+    def has_vision(self) -> bool:
+        return self.image is not None or self.video is not None
+
+    def vision_rows(self, ids: np.ndarray, image_id: int, video_id: int) -> np.ndarray | None:
+        """[image + video tokens, H]: the merged rows at the visual placeholders, in prompt order (the dump)."""
+        if not self.has_vision:
+            return None
+        ids = np.asarray(ids)
+        at = ids[np.isin(ids, [image_id, video_id])]
+        h = (self.image if self.image is not None else self.video).shape[1]
+        out = np.zeros((at.size, h), np.float32)
+        for kind, rows in ((image_id, self.image), (video_id, self.video)):
+            if rows is not None:
+                out[at == kind] = rows
+        return out

@@ -56,9 +56,10 @@ class _Transcripts:
 
 def create_app(engine: ServingEngine, *, model_name: str = "qwen3-omni", api_key: str | None = None,
                max_request_bytes: int = 32 << 20, max_audio_seconds: float = 300.0,
-               default_max_tokens: int = 512, poll_s: float = 0.25) -> FastAPI:
+               default_max_tokens: int = 512, poll_s: float = 0.25, media_dir: str | None = None) -> FastAPI:
     """The FastAPI app over a started `engine`. default_max_tokens: a request's budget when it sets none
-    (capped by what its prompt leaves of max_len)."""
+    (capped by what its prompt leaves of max_len). media_dir: image_url / video_url parts may name local files
+    under it (None: data: URLs only)."""
     app = FastAPI(title="omni_jax", docs_url=None, redoc_url=None, openapi_url=None)
     pipe = engine.pipe
     voices = pipe.speakers() if pipe.has_speech else []
@@ -124,12 +125,15 @@ def create_app(engine: ServingEngine, *, model_name: str = "qwen3-omni", api_key
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
 
     def _prepare(params: protocol.ChatParams) -> ServeRequest:
-        """Template, audio features and budget (a worker thread: numpy and the tokenizer, no jax)."""
+        """Template, audio features, images / videos and budget (a worker thread: numpy, the tokenizer, Pillow and
+        PyAV, no jax)."""
         try:
-            ids, feats = pipe.prepare(RuntimeRequest(messages=params.messages, speaker=params.voice))
+            ids, feats, visual = pipe.prepare(RuntimeRequest(messages=params.messages, speaker=params.voice,
+                                                             use_audio_in_video=params.use_audio_in_video))
             room = engine.max_len - len(ids)
             max_tokens = params.max_tokens if params.max_tokens is not None else max(1, min(default_max_tokens, room))
-            req = ServeRequest(prompt_ids=ids, max_new_tokens=max_tokens, audio=list(feats), speech=params.speech,
+            req = ServeRequest(prompt_ids=ids, max_new_tokens=max_tokens, audio=list(feats), visual=list(visual),
+                               speech=params.speech,
                                speaker=params.voice, temperature=params.temperature, top_k=params.top_k,
                                top_p=params.top_p, seed=params.seed)
             engine.check(req)
@@ -141,7 +145,8 @@ def create_app(engine: ServingEngine, *, model_name: str = "qwen3-omni", api_key
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _read_body(request)
-        params = protocol.parse_chat(body, voices=voices, max_audio_seconds=max_audio_seconds, transcripts=transcripts)
+        params = protocol.parse_chat(body, voices=voices, max_audio_seconds=max_audio_seconds, transcripts=transcripts,
+                                     media_dir=media_dir)
         if params.model is not None and params.model != model_name:
             raise ApiError(404, f"model {params.model!r} does not exist; this server has {model_name!r}",
                            param="model", code="model_not_found")

@@ -12,6 +12,7 @@ import base64
 import binascii
 import dataclasses
 import io
+import os
 import time
 import uuid
 from typing import Any, Mapping, Sequence
@@ -58,6 +59,7 @@ class ChatParams:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
+    use_audio_in_video: bool = False  # an extra: each video's own audio track joins the prompt
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -111,7 +113,40 @@ def decode_audio(data: Any, fmt: Any, param: str, max_seconds: float) -> tuple[n
     return samples, int(rate)
 
 
-def _content(content: Any, where: str, role: str, max_audio_seconds: float) -> str | list[dict]:
+def decode_media_url(url: Any, kind: str, param: str, media_dir: str | None) -> bytes | str:
+    """An image_url / video_url `url`: a base64 data: URL -> its bytes, or a local path (plain or file://) under
+    --media_dir -> the path. Nothing is fetched from the network. The bytes are decoded later with the rest of the
+    prompt (Pillow / PyAV), where a bad file is a 400 too."""
+    if not isinstance(url, str) or not url:
+        raise _bad(param, "must be a non-empty string: a data: URL or a local path")
+    if url.startswith("data:"):
+        head, sep, data = url.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise _bad(param, f"a data: URL must be base64 ('data:{kind}/...;base64,...')")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad(param, "is not valid base64") from None
+        if not raw:
+            raise _bad(param, "holds no bytes")
+        return raw
+    if "://" in url and not url.startswith("file://"):
+        raise ApiError(400, f"{param}: this server fetches nothing from the network; send a data: URL",
+                       param=param, code="unsupported_url")
+    if media_dir is None:
+        raise ApiError(400, f"{param}: local paths are off on this server (start it with --media_dir); send a data: "
+                       "URL", param=param, code="unsupported_url")
+    path = os.path.realpath(url[len("file://"):] if url.startswith("file://") else url)
+    root = os.path.realpath(media_dir)
+    if os.path.commonpath([path, root]) != root:
+        raise _bad(param, f"local paths must be under --media_dir ({media_dir})")
+    if not os.path.isfile(path):
+        raise _bad(param, f"no such file under --media_dir: {url!r}")
+    return path
+
+
+def _content(content: Any, where: str, role: str, max_audio_seconds: float,
+             media_dir: str | None = None) -> str | list[dict]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list) or not content:
@@ -134,15 +169,19 @@ def _content(content: Any, where: str, role: str, max_audio_seconds: float) -> s
                 raise _bad(f"{p}.input_audio", "must be an object {data, format}")
             parts.append({"type": "audio", "audio": decode_audio(audio.get("data"), audio.get("format"),
                                                                   f"{p}.input_audio", max_audio_seconds)})
-        elif kind in ("image_url", "video_url", "image", "video"):
-            raise ApiError(400, f"{p}: {kind} input is not supported by this server yet (text and audio only)",
-                           param=p, code="unsupported_content")
+        elif kind in ("image_url", "video_url"):
+            if role != "user":
+                raise _bad(p, f"{kind} goes in user messages, not {role}")
+            media, ref = kind[:-4], part.get(kind)
+            url = ref.get("url") if isinstance(ref, Mapping) else ref
+            parts.append({"type": media, media: decode_media_url(url, media, f"{p}.{kind}.url", media_dir)})
         else:
-            raise _bad(f"{p}.type", f"must be 'text' or 'input_audio', got {kind!r}")
+            raise _bad(f"{p}.type", f"must be 'text', 'input_audio', 'image_url' or 'video_url', got {kind!r}")
     return parts
 
 
-def parse_messages(messages: Any, max_audio_seconds: float, transcripts: Mapping[str, str]) -> list[dict]:
+def parse_messages(messages: Any, max_audio_seconds: float, transcripts: Mapping[str, str],
+                   media_dir: str | None = None) -> list[dict]:
     """OpenAI messages -> the runtime's message list. transcripts: audio id -> text of earlier replies, so an
     assistant turn given as `{"audio": {"id": ...}}` (the openai client's way to pass a spoken reply back) works."""
     if not isinstance(messages, list) or not messages:
@@ -164,14 +203,14 @@ def parse_messages(messages: Any, max_audio_seconds: float, transcripts: Mapping
                 raise _bad(f"{where}.audio.id", f"unknown or expired audio id {audio_id!r}; pass the reply's text "
                            "as content instead")
             content = transcripts[audio_id]
-        out.append({"role": role, "content": _content(content, where, role, max_audio_seconds)})
+        out.append({"role": role, "content": _content(content, where, role, max_audio_seconds, media_dir)})
     if out[-1]["role"] != "user":
         raise _bad(f"messages[{len(out) - 1}].role", "the last message must be the user's")
     return out
 
 
 def parse_chat(body: Any, *, voices: Sequence[str], max_audio_seconds: float,
-               transcripts: Mapping[str, str] | None = None) -> ChatParams:
+               transcripts: Mapping[str, str] | None = None, media_dir: str | None = None) -> ChatParams:
     """A decoded chat-completions body -> ChatParams, or ApiError(400) naming the first bad field."""
     if not isinstance(body, Mapping):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
@@ -219,8 +258,12 @@ def parse_chat(body: Any, *, voices: Sequence[str], max_audio_seconds: float,
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)
     seed = _integer(body, "seed", 0, 2**31 - 2)
+    use_audio_in_video = body.get("use_audio_in_video", False)
+    if not isinstance(use_audio_in_video, bool):
+        raise _bad("use_audio_in_video", f"must be a boolean, got {use_audio_in_video!r}")
     return ChatParams(
-        messages=parse_messages(body.get("messages"), max_audio_seconds, transcripts or {}), model=model,
+        messages=parse_messages(body.get("messages"), max_audio_seconds, transcripts or {}, media_dir), model=model,
+        use_audio_in_video=use_audio_in_video,
         speech=speech, voice=voice.lower(), audio_format=fmt, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0, True),
         top_k=_integer(body, "top_k", 0) or 0, seed=seed, stream=stream, include_usage=include_usage)

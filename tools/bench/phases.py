@@ -44,6 +44,12 @@ DEFINITIONS = {
                      "ours AudioEncoderSteps.encode, theirs Qwen3OmniMoeAudioEncoder forward on the same weights; "
                      "ratio = theirs s / ours s; roofline = matmul FLOPs (convs, layers, windowed attention) / "
                      "matmul FLOP/s",
+    "vision_encoder": "the real vision encoder width (--audio_config's vision_config: 27 blocks x 1152), random weights, "
+                      "batch 1: one vision_image_size image (resized by our processor: smart_resize, the released "
+                      "pixel bounds) and one vision_video_seconds video at 2 fps (frames at the video pixel bounds); "
+                      "ours VisionEncoderSteps.encode, theirs Qwen3OmniMoeVisionEncoder forward on the same patches "
+                      "and weights; ratio = theirs s / ours s; roofline = matmul FLOPs (patch embed, blocks, per-frame "
+                      "attention, mergers) / matmul FLOP/s",
     "decode_bytes": "weights one step reads: embedding rows + per layer (q/k/v/o + norms + router + the experts "
                     "routed at that step, union over the batch rows) + final norm + head; routed counts from "
                     "transformers' routers (hooks) on the actual generated sequences, else top-k exact at batch 1 "
@@ -519,6 +525,83 @@ def phase_audio_encoder(ctx: Ctx) -> dict:
     return res
 
 
+def _vision_flops(cfg, grid: tuple[int, int, int]) -> float:
+    """Matmul FLOPs of the vision encoder on one item: patch embed, blocks (attention within each frame), mergers."""
+    t, h, w = grid
+    n, s, d = t * h * w, h * w, cfg.hidden_size
+    block = 2 * n * (4 * d * d + 2 * d * cfg.intermediate_size) + 2 * 2 * t * s * s * d
+    wide = d * cfg.merge_unit
+    merger = 2 * (n // cfg.merge_unit) * (wide * wide + wide * cfg.out_hidden_size)
+    return 2 * n * cfg.patch_dim * d + cfg.depth * block + (1 + len(cfg.deepstack_visual_indexes)) * merger
+
+
+def phase_vision_encoder(ctx: Ctx) -> dict:
+    """The vision encoder at the real width on one image and one video, batch 1: ours VisionEncoderSteps.encode,
+    theirs Qwen3OmniMoeVisionEncoder forward, the same random weights (transformers' module, converted with our
+    rules) and the same pixel patches (our processor's)."""
+    import numpy as np
+
+    from omni_jax.checkpoint.convert import convert_tensors
+    from omni_jax.models import vision_encoder as ve
+    from omni_jax.processing import video as video_lib
+    from omni_jax.processing import vision as vision_lib
+    from omni_jax.runtime.vision_encoder import VisionEncoderSteps
+
+    cfg = ctx.vision_cfg
+    proc = vision_lib.processor_for_model(None, cfg)
+    rng = np.random.default_rng(ctx.seed)
+    w, h = ctx.vision_image_size
+    items = {"image": vision_lib.image_input(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), proc)}
+    if ctx.vision_video_seconds > 0:
+        n = int(round(ctx.vision_video_seconds * 2))
+        items["video"] = video_lib.frames_input(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8), 2.0, proc)
+    import torch
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeVisionEncoderConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeVisionEncoder
+
+    torch.manual_seed(ctx.seed)
+    hf = Qwen3OmniMoeVisionEncoder(Qwen3OmniMoeVisionEncoderConfig(**ctx.vision_hf_dict)).float().eval()
+    steps = VisionEncoderSteps(cfg, ctx.pipe.dtype)
+    import flax.linen as nn
+    import jax
+
+    module, args = ve.build(_with_vision(ctx.cfg, cfg), steps.dtype)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args))
+    tensors = ((f"thinker.visual.{k}", v.numpy()) for k, v in hf.state_dict().items())
+    params = convert_tensors(tensors, {"visual": nn.unbox(abstract["params"])}, ve.hf_rules(None))["visual"]
+    params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, steps.dtype), params)
+    if ctx.hf is None:
+        del hf
+        hf = None
+    res: dict = {"depth": cfg.depth, "hidden_size": cfg.hidden_size}
+    for kind, item in items.items():
+        x, grid = torch.tensor(item.patches), torch.tensor([list(item.grid)])
+
+        def ours(item=item):
+            jax.block_until_ready(steps.encode(params, [item]))
+
+        def theirs(x=x, grid=grid):
+            with torch.inference_mode():
+                hf(x, grid_thw=grid)
+
+        r: dict = {"grid": list(item.grid), "tokens": item.tokens(cfg.spatial_merge_size)}
+        ro, rt = run_pair(ctx, ours, None if hf is None else theirs, r)
+        r["ours_s"], r["theirs_s"] = med(ro), med(rt)
+        r["ratio"] = div(r["theirs_s"], r["ours_s"])
+        r["flops"] = _vision_flops(cfg, item.grid)
+        if ctx.machine and r["ours_s"]:
+            r["ours_roofline_pct"] = 100 * r["flops"] / r["ours_s"] / ctx.machine["matmul_flops_per_s"]
+            r["roofline_s"] = r["flops"] / ctx.machine["matmul_flops_per_s"]
+        res[kind] = r
+    return res
+
+
+def _with_vision(config, vision):
+    import dataclasses
+
+    return dataclasses.replace(config, thinker=dataclasses.replace(config.thinker, vision=vision))
+
+
 def phase_vocoder_stream(ctx: Ctx) -> dict:
     """Streaming Code2Wav: per-chunk cost by chunk size, and its independence of the audio before it."""
     import numpy as np
@@ -584,4 +667,5 @@ def phase_vocoder_stream(ctx: Ctx) -> dict:
 
 PHASE_FNS = {"prefill": phase_prefill, "decode": phase_decode, "talker": phase_talker,
              "code2wav": phase_code2wav, "e2e": phase_e2e, "audio_encoder": phase_audio_encoder,
+             "vision_encoder": phase_vision_encoder,
              "vocoder_stream": phase_vocoder_stream}

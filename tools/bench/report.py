@@ -38,6 +38,14 @@ def table_rows(phases: dict) -> list[tuple]:
     if a:
         rows.append((f"audio encoder {a['audio_seconds']:g} s (s)", a["ours_s"], a["theirs_s"], a["ratio"],
                      a.get("ours_roofline_pct"), a.get("roofline_s")))
+    ve = phases.get("vision_encoder")
+    if ve:
+        for kind in ("image", "video"):
+            r = ve.get(kind)
+            if r:
+                t, h, w = r["grid"]
+                rows.append((f"vision encoder {kind} {t}x{h}x{w} (s)", r["ours_s"], r["theirs_s"], r["ratio"],
+                             r.get("ours_roofline_pct"), r.get("roofline_s")))
     e = phases.get("e2e")
     if e:
         rows.append(("e2e first audio s", e["ours_time_to_first_audio_s"], e["theirs_time_to_first_audio_s"],
