@@ -59,6 +59,9 @@ flags.DEFINE_integer("e2e_tokens", 24, "Thinker tokens in the talker and end-to-
 flags.DEFINE_integer("e2e_frames", 60, "Max talker frames in the end-to-end phase (greedy).")
 flags.DEFINE_float("e2e_audio_seconds", 5.0, "Seconds of synthetic audio in the e2e phase's spoken question (its "
                    "first-audio breakdown; 0: skip it).", lower_bound=0.0)
+flags.DEFINE_float("e2e_video_seconds", 4.0, "Seconds of 2 fps synthetic video (64 x 48 frames) in the e2e phase's "
+                   "video question (its first-audio breakdown, and transformers' generate on the same input; 0: skip "
+                   "it).", lower_bound=0.0)
 flags.DEFINE_string("prompt", "Tell me about the sea.", "Text prompt of the talker and end-to-end phases.")
 shared.define_stream_flags()
 flags.DEFINE_list("vocoder_chunks", ["1", "2", "4", "8", "25"], "Chunk sizes (frames) of the vocoder_stream phase.")
@@ -166,7 +169,7 @@ def main(argv):
         "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "dtype": FLAGS.dtype, "hf": FLAGS.hf,
         "flags": {k: FLAGS[k].value for k in ("what", "repeats", "prompt_len", "decode_prompt_len", "decode_tokens",
                                                "batch_sizes", "talker_frames", "code2wav_seconds", "e2e_tokens",
-                                               "e2e_frames", "e2e_audio_seconds", "stream_chunk", "stream_first_chunk",
+                                               "e2e_frames", "e2e_audio_seconds", "e2e_video_seconds", "stream_chunk", "stream_first_chunk",
                                                "vocoder_chunks", "vocoder_calls", "vocoder_long_chunks", "max_len",
                                                "bf16_too", "copy_mib", "matmul_n")},
         "definitions": DEFINITIONS, "memory": {"rss_start_mib": rss_mib()},
@@ -200,6 +203,7 @@ def main(argv):
                   decode_tokens=FLAGS.decode_tokens, batch_sizes=batch_sizes, talker_frames=FLAGS.talker_frames,
                   code2wav_seconds=FLAGS.code2wav_seconds, e2e_tokens=FLAGS.e2e_tokens, e2e_frames=FLAGS.e2e_frames,
                   e2e_audio_seconds=FLAGS.e2e_audio_seconds, prompt=FLAGS.prompt,
+                  e2e_video_seconds=FLAGS.e2e_video_seconds,
                   stream_chunk=FLAGS.stream_chunk, stream_first_chunk=FLAGS.stream_first_chunk,
                   vocoder_chunks=vocoder_chunks, vocoder_calls=FLAGS.vocoder_calls,
                   vocoder_long_chunks=FLAGS.vocoder_long_chunks, eos=eos, prompt_ids=pipe.encode(FLAGS.prompt),

@@ -4,7 +4,8 @@ official `openai` client.
   python launch/loadtest.py --url=http://127.0.0.1:8000/v1 --concurrency=1,4,8
   python launch/loadtest.py --serve_args="--checkpoint=/tmp/omni_bench/ckpt --slots=8 --max_len=512" --concurrency=1,4,8
 
-At each level, `c` clients each send `--requests_per_client` streamed requests back to back (a closed loop);
+First --warmup_requests untimed requests (the server compiles a prompt-length bucket on its first use). At each
+level, `c` clients each send `--requests_per_client` streamed requests back to back (a closed loop);
 client i starts i * --stagger_s after the first, so requests arrive at staggered times and join a batch
 already running. Per level it reports requests/s, text tokens/s, seconds of audio per wall second, and p50 /
 p95 time to first text token and to first audio (from sending the request to receiving the delta), then
@@ -36,6 +37,9 @@ flags.DEFINE_string("serve_args", None, "Instead of --url: start launch/serve.py
 flags.DEFINE_string("api_key", None, "API key (default $OMNI_JAX_API_KEY, else 'none').")
 flags.DEFINE_list("concurrency", ["1", "4", "8"], "Concurrency levels, in order.")
 flags.DEFINE_integer("requests_per_client", 2, "Requests each client sends at a level.", lower_bound=1)
+flags.DEFINE_integer("warmup_requests", 1, "Untimed requests sent first, one at a time: a server compiles each new "
+                     "prompt-length bucket on first use, which would otherwise land in the first level's numbers.",
+                     lower_bound=0)
 flags.DEFINE_float("stagger_s", 0.5, "Client i starts i * stagger_s after client 0.", lower_bound=0.0)
 flags.DEFINE_integer("max_tokens", 24, "max_completion_tokens per request.", lower_bound=1)
 flags.DEFINE_bool("speech", True, "Ask for speech (modalities text + audio, pcm16 stream).")
@@ -185,6 +189,8 @@ def main(argv):
                                max_retries=0, timeout=3600)
         model = FLAGS.model or client.models.list().data[0].id
         out = []
+        for k in range(FLAGS.warmup_requests):
+            one_request(client, model, PROMPTS[k % len(PROMPTS)], FLAGS.max_tokens, FLAGS.speech, FLAGS.greedy)
         for c in levels:
             lv = run_level(client, model, c, FLAGS.requests_per_client, FLAGS.stagger_s, FLAGS.max_tokens,
                            FLAGS.speech, FLAGS.greedy)

@@ -218,7 +218,8 @@ def test_messages_to_ids_and_features(tmp_path):
     messages = [{"role": "user", "content": [{"type": "audio", "audio": str(path)}, {"type": "text", "text": "and"},
                                              {"type": "audio", "audio": clip}]}]
     assert prompt_lib.audio_sources(messages) == [str(path), clip]
-    ids, feats = prompt_lib.encode_messages(tok, config, messages)
+    ids, feats, visual = prompt_lib.encode_messages(tok, config, messages)
+    assert visual == []
     assert [f.shape for f in feats] == [(16, 130), (16, 70)]
     rows = prompt_lib.audio_rows(config, feats)
     assert rows == [13 + 4, 9]  # 13 per full 100-frame chunk + ceil(remainder / 8)

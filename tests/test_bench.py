@@ -18,14 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (conftest.TINY_MAX_LEN), so their compiled programs are persistent-cache hits here.
 GROUPS = {
     "lm": ("roofline,prefill,decode", ("prefill tok/s", "decode b1 tok/s", "decode b2 tok/s")),
-    "speech": ("roofline,talker,code2wav,e2e,audio_encoder,vocoder_stream",
+    "speech": ("roofline,talker,code2wav,e2e,audio_encoder,vision_encoder,vocoder_stream",
                ("talker+cp frames/s", "code2wav RTF", "e2e first audio s", "e2e total RTF", "audio encoder 1.5 s (s)",
-                "vocoder 1-frame chunk s", "vocoder 4-frame chunk s")),
+                "vision encoder image (s)", "vision encoder video (s)", "vocoder 1-frame chunk s", "vocoder 4-frame chunk s")),
 }
 TINY = ["--config=tiny", "--repeats=1", "--prompt_len=16", "--decode_prompt_len=8", "--decode_tokens=32",
         "--batch_sizes=1,2", "--talker_frames=4", "--code2wav_seconds=0.5", "--e2e_tokens=4", "--e2e_frames=4",
         "--max_len=128", "--vocoder_chunks=1,4", "--vocoder_calls=2", "--vocoder_long_chunks=8", "--copy_mib=4",
-        "--matmul_n=128", "--nobf16_too", "--audio_seconds=1.5", "--e2e_audio_seconds=1",
+        "--matmul_n=128", "--nobf16_too", "--audio_seconds=1.5", "--e2e_audio_seconds=1", "--e2e_video_seconds=0",
+        "--vision_image_size=64,48", "--vision_video_seconds=2",
         f"--audio_config={os.path.join(ROOT, 'configs', 'tiny.json')}"]
 
 

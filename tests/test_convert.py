@@ -103,7 +103,8 @@ def test_converted_checkpoint_equals_in_memory_conversion(converted, case):
     model, hf_dir, ckpt = converted[case]
     config = load_config(hf_dir)
     params = checkpoint.load_params(ckpt)  # all of thinker, audio tower, talker, code2wav (config speaks)
-    assert set(params) == set(registry.default_roots(config)) == {"thinker", "audio_tower", "talker", "code2wav"}
+    assert set(params) == set(registry.default_roots(config)) == {"thinker", "audio_tower", "visual", "talker",
+                                                                  "code2wav"}
     tensors = [(k, v) for k, v in _torch_tensors(hf_dir) if registry.owner(k).built]
     ref = convert.convert_tensors(tensors, registry.abstract_params(config), registry.hf_rules(config))
     flat_ref, flat = checkpoint.flatten(ref), checkpoint.flatten(params)
@@ -116,7 +117,7 @@ def test_converted_checkpoint_equals_in_memory_conversion(converted, case):
     layout = json.load(open(os.path.join(ckpt, checkpoint.LAYOUT_FILE)))
     stacked = [k for k, v in layout["leaves"].items() if "slices" in v]
     assert stacked and all(k.split("/")[0] in {"thinker", "talker", "code2wav"} for k in stacked)
-    assert layout["skipped"] == {"thinker.visual.": 27}
+    assert layout["skipped"] == {}  # every component is built, the vision tower included
     assert os.path.exists(os.path.join(ckpt, "config.json"))
 
 
@@ -167,15 +168,13 @@ def _manifest():
 
 @pytest.mark.parametrize("root", registry.built_names())
 def test_real_checkpoint_manifest_maps_exactly_onto_real_model(root):
-    """All 28,010 real tensor names: each maps to a param slice of the right shape (or is a tower key we
-    do not build), and every element of every param is written exactly once. jax.eval_shape only."""
+    """All 28,010 real tensor names: each maps to a param slice of the right shape, and every element of every
+    param is written exactly once. jax.eval_shape only."""
     entries = _manifest()
     assert len(entries) == 28010
     config = load_config(REAL_CONFIG)
     leaf_shapes = {p: s.shape for p, s in checkpoint.flatten(registry.abstract_params(config, roots=(root,))).items()}
-    top = registry.get(root).hf_prefixes[0].split(".")[0] + "."  # the audio tower's keys sit under "thinker."
-    mine = [(k, s) for k, s in entries if k.startswith(top) and registry.owner(k).name in (root, "visual")
-            and (root == "thinker" or registry.owner(k).name == root)]
+    mine = [(k, s) for k, s in entries if registry.owner(k).name == root]  # the towers' keys sit under "thinker."
     plan = convert.plan_conversion(mine, leaf_shapes, registry.hf_rules(config, (root,)), (root,))
     # Independent exact-cover check on top of plan_conversion's own: right slice shapes, distinct slots,
     # and element counts that add up to every leaf's size.
@@ -189,16 +188,15 @@ def test_real_checkpoint_manifest_maps_exactly_onto_real_model(root):
     assert written == {p: int(np.prod(s)) for p, s in leaf_shapes.items()}
     skipped = sum(plan.skipped.values())
     assert len(plan.keys) + skipped == len(mine)
-    if root == "thinker":
-        assert plan.skipped == {"thinker.visual.": 351}
-    else:
-        assert skipped == 0
-    if root == "audio_tower":
-        assert len(mine) == 525
+    assert skipped == 0
+    if root in ("audio_tower", "visual"):
+        assert len(mine) == {"audio_tower": 525, "visual": 351}[root]
+        assert sum(int(np.prod(s)) for s in leaf_shapes.values()) == {"audio_tower": 647_927_168,
+                                                                       "visual": 538_631_408}[root]
     # Streaming layout: one item per HF decoder layer of a stacked layer tree, plus one for the component's other
-    # params. The audio tower's layers are unrolled leaves: one item (1.3 GB in bf16, a thinker layer's size).
+    # params. The towers' layers are unrolled leaves: one item each (1.3 / 1.1 GB in bf16, a thinker layer's size).
     _, items = convert.assign_items(plan, leaf_shapes)
-    layers = {"thinker": 48, "audio_tower": 0, "talker": 20 + 5, "code2wav": 8}[root]
+    layers = {"thinker": 48, "audio_tower": 0, "visual": 0, "talker": 20 + 5, "code2wav": 8}[root]
     assert len(items) == layers + 1, sorted(items)[:5]
 
 

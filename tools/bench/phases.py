@@ -419,7 +419,61 @@ def phase_e2e(ctx: Ctx) -> dict:
         return {"s": time.perf_counter() - t0, "time_to_first_audio_s": first_audio,
                 "prompt_tokens": len(stream.prompt_ids), **_timing_marks(stream)}
 
+    def video_request():
+        """A video question: e2e_video_seconds of synthetic 64 x 48 frames at 2 fps + the text prompt."""
+        import numpy as np
+
+        from omni_jax.processing import video as video_lib
+        from omni_jax.runtime.types import Request
+
+        n = max(2, int(round(ctx.e2e_video_seconds * 2)))
+        yy, xx = np.mgrid[0:48, 0:64]
+        frames = np.stack([np.stack([(xx * 4 + 9 * k) % 256, yy * 5, (xx + yy + 7 * k) % 256], -1)
+                           for k in range(n)]).astype(np.uint8)  # a gradient that drifts frame to frame
+        req = Request(messages=[{"role": "user", "content": [{"type": "video", "video": (frames, 2.0)},
+                                                             {"type": "text", "text": ctx.prompt}]}])
+        ids, _, visual = pipe.prepare(req)
+        return req, ids, visual
+
+    def ours_video():
+        req, _, _ = video_request()
+        t0 = time.perf_counter()
+        stream = pipe.stream(req, chunk_frames=ctx.stream_chunk, first_chunk_frames=ctx.stream_first_chunk, **kw)
+        first_audio = None
+        for ev in stream:
+            if ev.audio is not None and len(ev.audio) and first_audio is None:
+                first_audio = time.perf_counter() - t0
+        return {"s": time.perf_counter() - t0, "time_to_first_audio_s": first_audio,
+                "prompt_tokens": len(stream.prompt_ids), **_timing_marks(stream)}
+
+    theirs_video = None
+    if ctx.hf is not None and ctx.e2e_video_seconds > 0 and "visual" in pipe.params:
+        import numpy as np
+        import torch
+
+        _, v_ids, v_items = video_request()
+        v_extra = dict(pixel_values_videos=torch.tensor(np.concatenate([v.patches for v in v_items])),
+                       video_grid_thw=torch.tensor([list(v.grid) for v in v_items]),
+                       video_second_per_grid=torch.tensor([v.seconds_per_grid for v in v_items]))
+
+        def theirs_video():  # not streaming: its first audio is its whole generate
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                ctx.hf.generate(input_ids=torch.tensor([v_ids]), return_audio=True, speaker="Ethan",
+                                thinker_max_new_tokens=ctx.e2e_tokens, thinker_do_sample=False,
+                                thinker_eos_token_id=list(ctx.eos), talker_max_new_tokens=ctx.e2e_frames + 1,
+                                talker_do_sample=False, **v_extra)
+            return {"s": time.perf_counter() - t0}
+
     res: dict = {"prompt_tokens": len(ctx.prompt_ids)}
+    if ctx.e2e_video_seconds > 0 and "visual" in pipe.params:
+        vo, vt = run_rounds(ctx, [ours_video], None if theirs_video is None else [theirs_video], res)
+        res["ours_video_stream"] = {"video_in_s": ctx.e2e_video_seconds, "prompt_tokens": med(vo[0], "prompt_tokens"),
+                                    "s": med(vo[0]), "time_to_first_audio_s": med(vo[0], "time_to_first_audio_s"),
+                                    "breakdown": _breakdown(vo[0])}
+        if vt:
+            res["theirs_video_s"] = med(vt[0])
+            res["video_first_audio_ratio"] = div(res["theirs_video_s"], res["ours_video_stream"]["time_to_first_audio_s"])
     if ctx.e2e_audio_seconds > 0 and pipe.config.thinker.audio is not None:
         spoken = run_rounds(ctx, [ours_spoken], None, res)[0][0]
         res["ours_spoken_stream"] = {"audio_in_s": ctx.e2e_audio_seconds, "prompt_tokens": med(spoken, "prompt_tokens"),

@@ -42,9 +42,8 @@ def table_rows(phases: dict) -> list[tuple]:
     if ve:
         for kind in ("image", "video"):
             r = ve.get(kind)
-            if r:
-                t, h, w = r["grid"]
-                rows.append((f"vision encoder {kind} {t}x{h}x{w} (s)", r["ours_s"], r["theirs_s"], r["ratio"],
+            if r:  # its patch grid (t, h, w) is in the JSON report
+                rows.append((f"vision encoder {kind} (s)", r["ours_s"], r["theirs_s"], r["ratio"],
                              r.get("ours_roofline_pct"), r.get("roofline_s")))
     e = phases.get("e2e")
     if e:
@@ -74,6 +73,12 @@ def streaming_lines(phases: dict) -> list[str]:
         if sp:
             out.append(f"spoken question ({sp['audio_in_s']:g} s of audio): first audio "
                        f"{_fmt(sp['time_to_first_audio_s'])} s; at: {_marks(sp['breakdown'])}")
+        vq = e.get("ours_video_stream")
+        if vq:
+            out.append(f"video question ({vq['video_in_s']:g} s at 2 fps, {_fmt(vq['prompt_tokens'])} prompt tokens): "
+                       f"first audio {_fmt(vq['time_to_first_audio_s'])} s (transformers' generate "
+                       f"{_fmt(e.get('theirs_video_s'))} s, ratio {_fmt(e.get('video_first_audio_ratio'))}); at: "
+                       f"{_marks(vq['breakdown'])}")
     v = phases.get("vocoder_stream")
     if v:
         lg = v["long"]
