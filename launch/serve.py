@@ -47,8 +47,9 @@ flags.DEFINE_integer("talker_max_new_tokens", 1024, "The talker's budget per rep
                      lower_bound=2)
 flags.DEFINE_bool("talker_greedy", False, "Greedy talker and code predictor for every request (default: HF's "
                   "sampling, each request with its own seed).")
-flags.DEFINE_integer("prefills_per_step", 1, "Admissions per scheduler step while others are decoding.",
-                     lower_bound=1)
+flags.DEFINE_integer("prefills_per_step", 8, "Admissions per scheduler step while others are decoding (8: a burst "
+                     "of arrivals is admitted at once; 1 bounds the pause a prefill puts on running streams, but "
+                     "queues bursts: see the README's Serving under load).", lower_bound=1)
 flags.DEFINE_integer("max_waiting", 256, "Queued requests beyond which new ones get 429.", lower_bound=1)
 flags.DEFINE_float("grace_s", 30.0, "On SIGTERM, seconds in-flight requests get to finish.", lower_bound=0.0)
 flags.DEFINE_string("model_name", "qwen3-omni", "The model id clients send and /v1/models lists.")

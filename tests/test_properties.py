@@ -266,3 +266,16 @@ def test_name_mapping_injective_and_invertible(data):
         if registry.owner(k).name == "thinker":  # thinker leaves are stacked exactly when the key is per decoder layer
             assert (re.search(r"\.layers\.\d+\.", k) is not None) == (len(index) > 0), (k, path, index)
     assert (forward[k1] == forward[k2]) == (k1 == k2)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.integers(1, 1 << 20), st.sampled_from([1, 2, 4]), st.sampled_from([1, 4, 16]))
+def test_fine_bucket_pads_at_most_one_step_of_an_octave(n, steps, multiple):
+    """The vision encoder's frame-grid sizes: never below n, a multiple as asked, at most n / steps (+ the rounding
+    to the multiple) above it, and monotone, so a longer frame never gets a shorter grid."""
+    from omni_jax.buckets import fine_bucket
+
+    b = fine_bucket(n, steps, multiple)
+    assert b >= n and b % multiple == 0
+    assert b <= math.ceil(n * (1 + 1 / steps)) + multiple
+    assert fine_bucket(n + 1, steps, multiple) >= b

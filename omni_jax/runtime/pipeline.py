@@ -203,11 +203,6 @@ class OmniPipeline:
                                                     skip_special_tokens=True)
         return decode(answer), None if thought is None else decode(thought).strip()
 
-    def encode_audio(self, prompts: list[list[int]], audio: Sequence[Sequence[np.ndarray]] | None,
-                     max_new_tokens: int) -> list[PromptRows | None] | None:
-        """`encode_inputs` for prompts with audio only."""
-        return self.encode_inputs(prompts, audio, max_new_tokens)
-
     def encode_inputs(self, prompts: list[list[int]], audio: Sequence[Sequence[np.ndarray]] | None,
                       max_new_tokens: int, visual: Sequence[Sequence[VisualInput]] | None = None
                       ) -> list[PromptRows | None] | None:

@@ -1,7 +1,8 @@
 """Running the vision encoder: preprocessed images / videos -> merged rows and deepstack rows per item.
 
-Frames go on a [frames, patches] grid padded to powers of two (omni_jax.buckets.bucket), so a stream of
-inputs of any sizes compiles a few programs; the encoder is stateless, so its step is a plain jit. Items
+Frames go on a [frames, patches] grid padded to the rungs of a ladder with four steps per octave
+(omni_jax.buckets.fine_bucket: at most 25 % padding, where attention costs the square of a frame's length), so a
+stream of inputs of any sizes compiles a few programs; the encoder is stateless, so its step is a plain jit. Items
 of one call share a grid, but attention never crosses frames, so an item's rows do not depend on what it
 was encoded with (padding rows are masked as keys and dropped).
 """
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from omni_jax.buckets import bucket
+from omni_jax.buckets import fine_bucket
 from omni_jax.config import VisionEncoderConfig
 from omni_jax.models.vision_encoder import VisionEncoder, frame_grid
 from omni_jax.processing.vision import VisualInput
@@ -32,7 +33,7 @@ class VisionEncoderSteps:
         """(frames, patches per frame) of the grid bucket these items run in."""
         frames = sum(it.grid[0] for it in items)
         frame_len = max(it.grid[1] * it.grid[2] for it in items)
-        return bucket(frames, smallest=1), bucket(frame_len, smallest=self.cfg.merge_unit)
+        return fine_bucket(frames), fine_bucket(frame_len, multiple=self.cfg.merge_unit)
 
     def encode(self, params: Any, items: Sequence[VisualInput]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per item, (rows [tokens, out] float32, deepstack [levels, tokens, out] float32)."""

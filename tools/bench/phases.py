@@ -398,6 +398,17 @@ def phase_e2e(ctx: Ctx) -> dict:
             return {"s": total, "audio_s": wav.shape[-1] / pipe.sample_rate,
                     "tokens": int(seqs.shape[-1]) - len(ctx.prompt_ids)}
 
+    def streamed(req) -> dict:
+        """One request streamed to speech: total, first audio, prompt length and the first-audio marks."""
+        t0 = time.perf_counter()
+        stream = pipe.stream(req, chunk_frames=ctx.stream_chunk, first_chunk_frames=ctx.stream_first_chunk, **kw)
+        first_audio = None
+        for ev in stream:
+            if ev.audio is not None and len(ev.audio) and first_audio is None:
+                first_audio = time.perf_counter() - t0
+        return {"s": time.perf_counter() - t0, "time_to_first_audio_s": first_audio,
+                "prompt_tokens": len(stream.prompt_ids), **_timing_marks(stream)}
+
     def ours_spoken():
         """A spoken question (synthetic 16 kHz audio + the text prompt) streamed to speech: the breakdown."""
         import numpy as np
@@ -410,20 +421,12 @@ def phase_e2e(ctx: Ctx) -> dict:
                + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
         req = Request(messages=[{"role": "user", "content": [{"type": "audio", "audio": (wav, 16000)},
                                                              {"type": "text", "text": ctx.prompt}]}])
-        t0 = time.perf_counter()
-        stream = pipe.stream(req, chunk_frames=ctx.stream_chunk, first_chunk_frames=ctx.stream_first_chunk, **kw)
-        first_audio = None
-        for ev in stream:
-            if ev.audio is not None and len(ev.audio) and first_audio is None:
-                first_audio = time.perf_counter() - t0
-        return {"s": time.perf_counter() - t0, "time_to_first_audio_s": first_audio,
-                "prompt_tokens": len(stream.prompt_ids), **_timing_marks(stream)}
+        return streamed(req)
 
     def video_request():
         """A video question: e2e_video_seconds of synthetic 64 x 48 frames at 2 fps + the text prompt."""
         import numpy as np
 
-        from omni_jax.processing import video as video_lib
         from omni_jax.runtime.types import Request
 
         n = max(2, int(round(ctx.e2e_video_seconds * 2)))
@@ -432,26 +435,17 @@ def phase_e2e(ctx: Ctx) -> dict:
                            for k in range(n)]).astype(np.uint8)  # a gradient that drifts frame to frame
         req = Request(messages=[{"role": "user", "content": [{"type": "video", "video": (frames, 2.0)},
                                                              {"type": "text", "text": ctx.prompt}]}])
-        ids, _, visual = pipe.prepare(req)
-        return req, ids, visual
+        return req
 
     def ours_video():
-        req, _, _ = video_request()
-        t0 = time.perf_counter()
-        stream = pipe.stream(req, chunk_frames=ctx.stream_chunk, first_chunk_frames=ctx.stream_first_chunk, **kw)
-        first_audio = None
-        for ev in stream:
-            if ev.audio is not None and len(ev.audio) and first_audio is None:
-                first_audio = time.perf_counter() - t0
-        return {"s": time.perf_counter() - t0, "time_to_first_audio_s": first_audio,
-                "prompt_tokens": len(stream.prompt_ids), **_timing_marks(stream)}
+        return streamed(video_request())  # the stream's front end decodes and patches the frames
 
     theirs_video = None
     if ctx.hf is not None and ctx.e2e_video_seconds > 0 and "visual" in pipe.params:
         import numpy as np
         import torch
 
-        _, v_ids, v_items = video_request()
+        v_ids, _, v_items = pipe.prepare(video_request())
         v_extra = dict(pixel_values_videos=torch.tensor(np.concatenate([v.patches for v in v_items])),
                        video_grid_thw=torch.tensor([list(v.grid) for v in v_items]),
                        video_second_per_grid=torch.tensor([v.seconds_per_grid for v in v_items]))
