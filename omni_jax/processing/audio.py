@@ -128,15 +128,16 @@ def load_audio(source: Any) -> np.ndarray:
 def expand_audio_pads(ids: list[int], pad_id: int, rows: list[int], what: str = "audio") -> list[int]:
     """Prompt ids with the i-th pad (`<|audio_pad|>`, or an image's / video's) repeated rows[i] times (what
     transformers' processor does to the rendered template): one pad per item in, one pad per encoder row out."""
+    return expand_placeholders(ids, pad_id, [[pad_id] * n for n in rows], what)
+
+
+def expand_placeholders(ids: list[int], pad_id: int, spans: list[list[int]], what: str) -> list[int]:
+    """ids with the i-th `pad_id` replaced by spans[i]; UsageError when the pad count is not len(spans)."""
     found = sum(1 for t in ids if t == pad_id)
-    if found != len(rows):
+    if found != len(spans):
         noun = "clip" if what == "audio" else "item"
-        raise UsageError(f"the prompt has {found} {what} placeholder(s) for {len(rows)} {what} {noun}(s)")
-    out, clip = [], 0
+        raise UsageError(f"the prompt has {found} {what} placeholder(s) for {len(spans)} {what} {noun}(s)")
+    out, it = [], iter(spans)
     for t in ids:
-        if t == pad_id:
-            out.extend([pad_id] * rows[clip])
-            clip += 1
-        else:
-            out.append(t)
+        out.extend(next(it) if t == pad_id else (t,))
     return out

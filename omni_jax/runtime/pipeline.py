@@ -183,10 +183,7 @@ class OmniPipeline:
             results.append(Result(
                 text=text, reasoning=reasoning, prompt_ids=prompts[b], token_ids=list(toks),
                 finish_reason=out.finish_reasons[b], sample_rate=self.sample_rate, timings={"thinker_s": t_thinker},
-                audio_embeds=None if mm_rows is None or mm_rows[b] is None else mm_rows[b].audio,
-                vision_embeds=None if mm_rows is None or mm_rows[b] is None else mm_rows[b].vision_rows(
-                    prompts[b], self.config.thinker.image_token_id, self.config.thinker.video_token_id),
-                position_ids=None if mm_rows is None or mm_rows[b] is None else mm_rows[b].positions,
+                **PromptRows.result_fields(None if mm_rows is None else mm_rows[b], prompts[b], self.config.thinker),
                 prompt_logits=None if out.prompt_logits is None else out.prompt_logits[b]))
         if mm_rows is not None:
             for r in results:

@@ -14,6 +14,7 @@ from omni_jax.config import OmniConfig
 from omni_jax.errors import UsageError
 from omni_jax.models.audio_encoder import rows_for_frames
 from omni_jax.processing import audio as audio_lib
+from omni_jax.processing import video as video_lib
 from omni_jax.processing import vision as vision_lib
 from omni_jax.processing.vision import VisualInput
 
@@ -92,8 +93,6 @@ def encode_messages(tokenizer: Any, config: OmniConfig, messages: Sequence[Mappi
         elif kind == "image":
             visual.append(vision_lib.image_input(src, processor, what))
         else:
-            from omni_jax.processing import video as video_lib
-
             visual.append(video_lib.video_input(src, processor, what, with_audio=use_audio_in_video))
             if visual[-1].audio is not None:
                 try:
@@ -108,30 +107,17 @@ def encode_messages(tokenizer: Any, config: OmniConfig, messages: Sequence[Mappi
         images = [v for v in visual if v.kind == "image"]
         ids = audio_lib.expand_audio_pads(ids, th.image_token_id, [v.tokens(m) for v in images], "image")
         videos = [v for v in visual if v.kind == "video"]
-        video_feats = iter(f for f in features[len(plain_rows):])  # the tracks, in video order
+        video_feats = iter(features[len(plain_rows):])  # the tracks, in video order
         spans = []
         for v in videos:
             if v.audio is None:
                 spans.append([th.video_token_id] * v.tokens(m))
             else:
-                from omni_jax.processing import video as video_lib
-
                 spans.append(video_lib.audio_in_video_span(v, audio_rows(config, [next(video_feats)])[0], th))
-        ids = _expand_spans(ids, th.video_token_id, spans, "video")
+        ids = audio_lib.expand_placeholders(ids, th.video_token_id, spans, "video")
     if any(v.audio is not None for v in visual):
         features = _prompt_order(ids, features, plain_rows, th)
     return PromptInputs(ids, features, visual)
-
-
-def _expand_spans(ids: list[int], pad_id: int, spans: list[list[int]], what: str) -> list[int]:
-    """ids with the i-th `pad_id` replaced by spans[i] (one pad per item in, its span out)."""
-    found = sum(1 for t in ids if t == pad_id)
-    if found != len(spans):
-        raise UsageError(f"the prompt has {found} {what} placeholder(s) for {len(spans)} {what} item(s)")
-    out, it = [], iter(spans)
-    for t in ids:
-        out.extend(next(it) if t == pad_id else [t])
-    return out
 
 
 def _prompt_order(ids: list[int], features: list[np.ndarray], plain_rows: list[int], th) -> list[np.ndarray]:

@@ -48,7 +48,8 @@ from omni_jax.models.talker import Talker
 from omni_jax.runtime import slots as slots_lib
 from omni_jax.runtime.sampling import SamplingParams, TalkerSampling
 from omni_jax.runtime.streaming import TextDeltas, start_talker_row
-from omni_jax.runtime.types import DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, Result, check_chunk_frames
+from omni_jax.runtime.types import (DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, PromptRows, Result,
+                                    check_chunk_frames)
 from omni_jax.runtime.vocoder import VocoderStream
 from omni_jax.sharding import jit as sjit
 
@@ -526,10 +527,8 @@ class ServingEngine:
             codes=codes if row.req.speech else None,
             wav=(np.concatenate(row.wav) if row.wav else np.zeros((0,), np.float32)) if row.req.speech else None,
             sample_rate=self.pipe.sample_rate, timings=dict(row.timings),
-            audio_embeds=None if row.mm_rows is None else row.mm_rows[0].audio,
-            vision_embeds=None if row.mm_rows is None else row.mm_rows[0].vision_rows(
-                row.req.prompt_ids, self.pipe.config.thinker.image_token_id, self.pipe.config.thinker.video_token_id),
-            position_ids=None if row.mm_rows is None else row.mm_rows[0].positions,
+            **PromptRows.result_fields(None if row.mm_rows is None else row.mm_rows[0], row.req.prompt_ids,
+                                       self.pipe.config.thinker),
             prompt_logits=np.asarray(row.prompt_logits))
         self._release(row)
         self.metrics.add("requests_completed")

@@ -53,8 +53,8 @@ from omni_jax.runtime.talker_engine import check_finite as check_talker_finite
 from omni_jax.runtime import prompt as prompt_lib
 from omni_jax.runtime.talker_inputs import talker_positions, tts_token_ids
 from omni_jax.runtime.thinker_engine import check_finite as check_thinker_finite
-from omni_jax.runtime.types import (DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, Request, Result, StreamEvent,
-                                    check_chunk_frames)
+from omni_jax.runtime.types import (DEFAULT_CHUNK_FRAMES, DEFAULT_FIRST_CHUNK_FRAMES, PromptRows, Request, Result,
+                                    StreamEvent, check_chunk_frames)
 from omni_jax.runtime.vocoder import AudioChunker
 
 
@@ -321,10 +321,9 @@ class SpeechStream:
                 finish_reason="eos" if tokens and tokens[-1] in self.eos else "length", codes=all_codes,
                 wav=np.concatenate(wav_parts) if wav_parts else np.zeros((0,), np.float32),
                 sample_rate=pipe.sample_rate, timings=timings,
-                audio_embeds=None if mm_rows is None else mm_rows[0].audio, prompt_logits=np.asarray(prompt_logits)[0],
-                vision_embeds=None if mm_rows is None else mm_rows[0].vision_rows(
-                    self.prompt_ids, pipe.config.thinker.image_token_id, pipe.config.thinker.video_token_id),
-                position_ids=None if mm_rows is None else mm_rows[0].positions,
+                prompt_logits=np.asarray(prompt_logits)[0],
+                **PromptRows.result_fields(None if mm_rows is None else mm_rows[0], self.prompt_ids,
+                                           pipe.config.thinker),
             )
         finally:
             engine.release(state)

@@ -6,6 +6,7 @@ Plain data (numpy, no jax), shared by the pipeline, the streaming scheduler and 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -109,6 +110,14 @@ class PromptRows:
     @property
     def has_vision(self) -> bool:
         return self.image is not None or self.video is not None
+
+    @staticmethod
+    def result_fields(rows: "PromptRows | None", ids: Sequence[int], thinker: Any) -> dict:
+        """Result's audio_embeds, vision_embeds and position_ids for a prompt with these rows (None: text only)."""
+        if rows is None:
+            return {"audio_embeds": None, "vision_embeds": None, "position_ids": None}
+        return {"audio_embeds": rows.audio, "position_ids": rows.positions,
+                "vision_embeds": rows.vision_rows(ids, thinker.image_token_id, thinker.video_token_id)}
 
     def vision_rows(self, ids: np.ndarray, image_id: int, video_id: int) -> np.ndarray | None:
         """[image + video tokens, H]: the merged rows at the visual placeholders, in prompt order (the dump)."""
